@@ -47,6 +47,12 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
         raise ValueError(f"shapes must match, got {described}")
 
 
+def _check_bool(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor, got dtype {t.dtype}")
+
+
 def soft_value(
     q: torch.Tensor, mask: torch.Tensor | None = None, alpha: float = 1.0
 ) -> torch.Tensor:
@@ -65,8 +71,13 @@ def soft_value(
     tensor(0.6931)
     """
     alpha = _check_alpha(alpha)
+    if not q.is_floating_point() or q.dim() == 0 or q.shape[-1] == 0:
+        raise ValueError(
+            f"q must be a float tensor with a non-empty action dim, got {q.dtype} {tuple(q.shape)}"
+        )
     if mask is not None:
         _check_same_shape(q=q, mask=mask)
+        _check_bool(mask=mask)
         if not mask.any(dim=-1).all():
             raise ValueError("mask has a row with no allowed action; every state needs one")
         q = q.masked_fill(~mask, float("-inf"))
@@ -79,8 +90,11 @@ def soft_bellman_target(
     """Soft Bellman target y_t = r_t + gamma * (1 - done_t) * V_p(s_{t+1}).
 
     Args:
-        r_t: [...] rewards; v_tp1: [...] next-state values; done_t: bool [...] (terminal:
-            the next state is absorbing with value 0), None = never done.
+        r_t: [...] rewards; v_tp1: [...] next-state values V_p(s_{t+1}); gamma in [0, 1);
+        done_t: bool [...] (terminal: the next state is absorbing with value 0), None = never.
+
+    Returns:
+        [...] targets y_t.
 
     >>> soft_bellman_target(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]), 0.5,
     ...                     torch.tensor([False, True]))
@@ -88,13 +102,12 @@ def soft_bellman_target(
     """
     gamma = _check_gamma(gamma)
     _check_same_shape(r_t=r_t, v_tp1=v_tp1)
-    not_done = 1.0
-    if done_t is not None:
-        _check_same_shape(r_t=r_t, done_t=done_t)
-        not_done = (~done_t.bool()).to(v_tp1.dtype)
-    # where() keeps a -inf/NaN-free target even if v_tp1 is -inf at terminal padding.
-    bootstrap = torch.where(torch.as_tensor(not_done) > 0, v_tp1, torch.zeros_like(v_tp1))
-    return r_t + gamma * bootstrap
+    if done_t is None:
+        return r_t + gamma * v_tp1
+    _check_same_shape(r_t=r_t, done_t=done_t)
+    _check_bool(done_t=done_t)
+    # where(), not a product: a terminal target stays finite even if v_tp1 is -inf there.
+    return r_t + gamma * torch.where(done_t, torch.zeros_like(v_tp1), v_tp1)
 
 
 def chi2_phi(x: torch.Tensor, alpha_chi: float = 0.1) -> torch.Tensor:
@@ -116,41 +129,55 @@ def next_state_value(v_t: torch.Tensor, mask_t: torch.Tensor) -> torch.Tensor:
     the episode has ended and the value is 0 (PAPER.md section 4).
 
     Args:
-        v_t: [B, T] values of the states before each response token.
-        mask_t: bool [B, T], True at real response tokens (a left-aligned run per row).
+        v_t: [..., T] values of the states before each response token.
+        mask_t: bool [..., T], True at real response tokens (one contiguous run per row, e.g.
+            after the prompt; rows with no True are padding rows).
 
     Returns:
-        [B, T] next-state values, 0 where the next position is not a response token.
+        [..., T] next-state values: v_t[..., t+1] where positions t and t+1 are both response
+        tokens, else 0 (after the final response token, and at every non-response position).
 
     >>> next_state_value(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[True, True, False]]))
     tensor([[2., 0., 0.]])
     """
     _check_same_shape(v_t=v_t, mask_t=mask_t)
+    _check_bool(mask_t=mask_t)
     if v_t.dim() < 1:
         raise ValueError(f"v_t needs a time dimension, got shape {tuple(v_t.shape)}")
     shifted_v = torch.zeros_like(v_t)
-    shifted_mask = torch.zeros_like(mask_t, dtype=torch.bool)
+    shifted_mask = torch.zeros_like(mask_t)
     shifted_v[..., :-1] = v_t[..., 1:]
-    shifted_mask[..., :-1] = mask_t[..., 1:].bool()
-    return torch.where(shifted_mask & mask_t.bool(), shifted_v, torch.zeros_like(v_t))
+    shifted_mask[..., :-1] = mask_t[..., 1:]
+    return torch.where(shifted_mask & mask_t, shifted_v, torch.zeros_like(v_t))
 
 
-def discounted_returns(r_t: torch.Tensor, gamma: float, mask_t: torch.Tensor | None = None) -> torch.Tensor:
+def discounted_returns(
+    r_t: torch.Tensor, gamma: float, mask_t: torch.Tensor | None = None
+) -> torch.Tensor:
     """G_t = sum_{k>=0} gamma^k r_{t+k}, over the real steps of each row.
 
     Args:
-        r_t: [..., T] rewards; mask_t: bool [..., T] (padding contributes nothing).
+        r_t: [..., T] rewards; gamma in [0, 1); mask_t: bool [..., T], True at real steps (one
+            contiguous run per row); padding contributes no reward and gets G = 0.
+
+    Returns:
+        [..., T] returns.
 
     >>> discounted_returns(torch.tensor([1.0, 1.0, 1.0]), 0.5)
     tensor([1.7500, 1.5000, 1.0000])
     """
     gamma = _check_gamma(gamma)
+    if r_t.dim() == 0:
+        raise ValueError(f"r_t needs a time dimension, got shape {tuple(r_t.shape)}")
     if mask_t is not None:
         _check_same_shape(r_t=r_t, mask_t=mask_t)
-        r_t = r_t * mask_t.to(r_t.dtype)
+        _check_bool(mask_t=mask_t)
+        r_t = torch.where(mask_t, r_t, torch.zeros_like(r_t))
     returns = torch.zeros_like(r_t)
-    running = torch.zeros_like(r_t[..., 0])
+    running = r_t.new_zeros(r_t.shape[:-1])
     for t in range(r_t.shape[-1] - 1, -1, -1):
         running = r_t[..., t] + gamma * running
         returns[..., t] = running
+    if mask_t is not None:
+        returns = torch.where(mask_t, returns, torch.zeros_like(returns))
     return returns
