@@ -18,13 +18,29 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "theory": ("tdkd.theory", "check the paper's Propositions 1-4 on random tabular soft MDPs"),
+    "prepare": ("tdkd.prepare", "teacher responses + sparse top-p teacher cache in one command"),
+    "distill": ("agents.distill_cli", "train a student with any algorithm on a prepared cache"),
+    "eval": ("tdkd.eval_cli", "Rouge-L, exact match, teacher NLL, coverage, win rate over seeds"),
+    "demo": ("tdkd.demo", "the main job: prepare, distil with BD and KD, evaluate, table + plots"),
 }
 
 # `tdkd bench TARGET` -> (module, one-line help)
-BENCHMARKS: dict[str, tuple[str, str]] = {}
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "cache": ("tdkd.bench_cache", "sparse teacher cache: bytes per token, extraction cost"),
+    "env": ("envs.bench", "rollout throughput of the batched top-p token env vs a naive env"),
+    "step": ("agents.bench_step", "seconds per step: BD vs KD from the cache, cached vs live KD"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` imports its module for its options.
+
+    ``tdkd --help`` lists every command without importing any; ``tdkd NAME --help`` imports
+    NAME's module alone, so a slow or broken module never affects another command.
+    """
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
+    chosen = words[0] if words else None
+    target = words[1] if len(words) > 1 else None
     parser = argparse.ArgumentParser(
         prog="tdkd",
         description="Distil language models with temporal-difference learning on the "
@@ -35,25 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.set_defaults(_module=module)
-        _add_module_arguments(cmd, module)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(cmd)
     if BENCHMARKS:
         bench = sub.add_parser("bench", help="benchmarks that print one JSON line")
         targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
         for name, (module, help_text) in BENCHMARKS.items():
             cmd = targets.add_parser(name, help=help_text, description=help_text)
             cmd.set_defaults(_module=module)
-            _add_module_arguments(cmd, module)
+            if chosen == "bench" and name == target:
+                importlib.import_module(module).add_arguments(cmd)
     return parser
 
 
-def _add_module_arguments(parser: argparse.ArgumentParser, module: str) -> None:
-    # Argument definitions are needed for --help, so the module is imported here; modules
-    # keep their heavy imports (torch models, transformers) inside run().
-    importlib.import_module(module).add_arguments(parser)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -32,6 +32,8 @@ Forms:
 - padded: ``top_p_support(logits, p)`` -> ``Support`` with ids/log_probs/mask [..., K], where K
   is the batch's own largest nucleus (optionally capped at ``max_support``, the dropped mass
   recorded); entries in ranking order, padding at the end.
+- both:   ``top_p_mask_and_support(logits, p)`` -> (dense mask, padded ``Support``) from one
+  ranking (an env that exposes both views needs no second sort).
 - ragged: ``RaggedSupport`` (offsets + ids + log_probs), the storage form of the cache.
 
 Projection (proj_p) of a policy pi_Q = softmax(Q) onto a support:
@@ -56,6 +58,7 @@ __all__ = [
     "rank_log_probs",
     "support_to_mask",
     "top_p_mask",
+    "top_p_mask_and_support",
     "top_p_support",
 ]
 
@@ -325,6 +328,19 @@ def _rank_nuclei(log_probs: torch.Tensor, p: float) -> list[_RankedRows]:
     return ranked
 
 
+def _dense_mask(parts: list[_RankedRows], log_probs: torch.Tensor) -> torch.Tensor:
+    """bool [N, V]: True on each row's nucleus, from the ranked rows of [N, V] log-probs."""
+    dense = torch.zeros(log_probs.shape, dtype=torch.bool, device=log_probs.device)
+    for part in parts:
+        inside = (torch.arange(part.ids.shape[-1]) < part.size.unsqueeze(-1)).to(dense.device)
+        # The ids of a ranking prefix are distinct, so the scatter is deterministic.
+        block = torch.zeros(
+            (part.ids.shape[0], dense.shape[-1]), dtype=torch.bool, device=dense.device
+        )
+        dense.index_copy_(0, part.rows, block.scatter_(-1, part.ids, inside))
+    return dense
+
+
 def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Dense nucleus mask of the teacher: True where the token is in A_p(s).
 
@@ -343,15 +359,7 @@ def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p == 1.0:
         return torch.isfinite(log_probs)
     flat = log_probs.reshape(-1, log_probs.shape[-1])
-    dense = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-    for part in _rank_nuclei(flat, p):
-        inside = (torch.arange(part.ids.shape[-1]) < part.size.unsqueeze(-1)).to(flat.device)
-        # The ids of a ranking prefix are distinct, so the scatter is deterministic.
-        block = torch.zeros(
-            (part.ids.shape[0], flat.shape[-1]), dtype=torch.bool, device=flat.device
-        )
-        dense.index_copy_(0, part.rows, block.scatter_(-1, part.ids, inside))
-    return dense.reshape(logits.shape)
+    return _dense_mask(_rank_nuclei(flat, p), flat).reshape(logits.shape)
 
 
 @dataclass(frozen=True)
@@ -384,6 +392,48 @@ def _mass_at(inclusive: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return inclusive.gather(-1, (count - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
 
+def _padded_support(
+    parts: list[_RankedRows], n: int, device: torch.device, cap: int | None
+) -> Support:
+    """``Support`` [N, K] from the ranked rows of N states (K = largest kept nucleus)."""
+    size = torch.ones(n, dtype=torch.int64)
+    for part in parts:
+        size[part.rows.cpu()] = part.size
+    kept = size if cap is None else size.clamp(max=cap)
+    width = max(int(kept.max()) if n else 1, 1)
+    ids = torch.zeros((n, width), dtype=torch.int64, device=device)
+    ranked_log_probs = torch.full((n, width), float("-inf"), dtype=torch.float32, device=device)
+    covered = torch.zeros(n, dtype=torch.float64)
+    nucleus = torch.zeros(n, dtype=torch.float64)
+    for part in parts:
+        cols = min(part.ids.shape[-1], width)
+        ids[part.rows, :cols] = part.ids[:, :cols]
+        ranked_log_probs[part.rows, :cols] = part.log_probs[:, :cols]
+        rows_cpu = part.rows.cpu()
+        covered[rows_cpu] = _mass_at(part.inclusive, kept[rows_cpu])
+        nucleus[rows_cpu] = _mass_at(part.inclusive, part.size)
+    mask = (torch.arange(width) < kept.unsqueeze(-1)).to(device)
+    return Support(
+        ids=ids.masked_fill(~mask, 0),
+        log_probs=ranked_log_probs.masked_fill(~mask, float("-inf")),
+        mask=mask,
+        covered_mass=covered.float().to(device),
+        dropped_mass=(nucleus - covered).float().to(device),
+    )
+
+
+def _reshape_support(support: Support, lead: torch.Size) -> Support:
+    """A flat [N, K] ``Support`` with its N states laid out as ``lead`` (prod(lead) = N)."""
+    width = support.ids.shape[-1]
+    return Support(
+        ids=support.ids.reshape(*lead, width),
+        log_probs=support.log_probs.reshape(*lead, width),
+        mask=support.mask.reshape(*lead, width),
+        covered_mass=support.covered_mass.reshape(lead),
+        dropped_mass=support.dropped_mass.reshape(lead),
+    )
+
+
 def top_p_support(logits: torch.Tensor, p: float, *, max_support: int | None = None) -> Support:
     """Sparse nucleus of the teacher, padded to the batch's own largest support.
 
@@ -403,34 +453,42 @@ def top_p_support(logits: torch.Tensor, p: float, *, max_support: int | None = N
     p = check_p(p)
     cap = _check_max_support(max_support)
     log_probs = _log_probs(logits)
-    lead, vocab = log_probs.shape[:-1], log_probs.shape[-1]
-    flat = log_probs.reshape(-1, vocab)
-    n, device = flat.shape[0], flat.device
+    flat = log_probs.reshape(-1, log_probs.shape[-1])
+    support = _padded_support(_rank_nuclei(flat, p), flat.shape[0], flat.device, cap)
+    return _reshape_support(support, log_probs.shape[:-1])
+
+
+def top_p_mask_and_support(
+    logits: torch.Tensor, p: float, *, max_support: int | None = None
+) -> tuple[torch.Tensor, Support]:
+    """Dense mask and padded support of the teacher's nucleus from one ranking.
+
+    Equals ``(top_p_mask(logits, p), top_p_support(logits, p, max_support=max_support))`` bit
+    for bit, ranking the vocabulary once instead of twice. With a cap the dense mask still
+    holds the whole nucleus, so |A_p| = mask.sum(-1) and
+
+        pi_T(A_p) = covered_mass + dropped_mass.
+
+    Args:
+        logits: [..., V] teacher logits.
+        p: nucleus mass in (0, 1].
+        max_support: optional cap on the support's K (not on the dense mask).
+
+    Returns:
+        (bool [..., V] nucleus mask, ``Support`` with [..., K] entries).
+
+    >>> mask, s = top_p_mask_and_support(torch.tensor([[2.0, 1.0, 0.0]]), 0.7, max_support=1)
+    >>> mask.tolist(), s.ids.tolist(), s.dropped_mass.gt(0).tolist()
+    ([[True, True, False]], [[0]], [True])
+    """
+    p = check_p(p)
+    cap = _check_max_support(max_support)
+    log_probs = _log_probs(logits)
+    flat = log_probs.reshape(-1, log_probs.shape[-1])
     parts = _rank_nuclei(flat, p)
-    size = torch.ones(n, dtype=torch.int64)
-    for part in parts:
-        size[part.rows.cpu()] = part.size
-    kept = size if cap is None else size.clamp(max=cap)
-    width = max(int(kept.max()) if n else 1, 1)
-    ids = torch.zeros((n, width), dtype=torch.int64, device=device)
-    ranked_log_probs = torch.full((n, width), float("-inf"), dtype=torch.float32, device=device)
-    covered = torch.zeros(n, dtype=torch.float64)
-    nucleus = torch.zeros(n, dtype=torch.float64)
-    for part in parts:
-        cols = min(part.ids.shape[-1], width)
-        ids[part.rows, :cols] = part.ids[:, :cols]
-        ranked_log_probs[part.rows, :cols] = part.log_probs[:, :cols]
-        rows_cpu = part.rows.cpu()
-        covered[rows_cpu] = _mass_at(part.inclusive, kept[rows_cpu])
-        nucleus[rows_cpu] = _mass_at(part.inclusive, part.size)
-    mask = (torch.arange(width) < kept.unsqueeze(-1)).to(device)
-    return Support(
-        ids=ids.masked_fill(~mask, 0).reshape(*lead, width),
-        log_probs=ranked_log_probs.masked_fill(~mask, float("-inf")).reshape(*lead, width),
-        mask=mask.reshape(*lead, width),
-        covered_mass=covered.float().to(device).reshape(lead),
-        dropped_mass=(nucleus - covered).float().to(device).reshape(lead),
-    )
+    dense = torch.isfinite(log_probs) if p == 1.0 else _dense_mask(parts, flat)
+    support = _padded_support(parts, flat.shape[0], flat.device, cap)
+    return dense.reshape(logits.shape), _reshape_support(support, log_probs.shape[:-1])
 
 
 def support_to_mask(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:

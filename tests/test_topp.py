@@ -22,6 +22,7 @@ from tdkd.topp import (
     rank_log_probs,
     support_to_mask,
     top_p_mask,
+    top_p_mask_and_support,
     top_p_support,
 )
 
@@ -320,6 +321,72 @@ def test_max_support_caps_and_records_dropped_mass(cap: int) -> None:
     torch.testing.assert_close(support.covered_mass + support.dropped_mass, full.covered_mass)
 
 
+def _bf16_ties() -> torch.Tensor:
+    logits = zipf_logits(4, 300, seed=33).to(torch.bfloat16)
+    logits[1, 150:] = NEG_INF
+    return logits
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: zipf_logits(6, 6000, seed=32),  # resolved inside the top-k prefixes
+        lambda: random_logits(3, 2, 300, scale=1.0, seed=34),  # flat: the full sort
+        _bf16_ties,  # ties and -inf
+    ],
+)
+@pytest.mark.parametrize("p", [1e-6, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("cap", [None, 2, 100])
+def test_mask_and_support_equal_separate_calls_and_reference(make, p: float, cap) -> None:
+    logits = make()
+    mask, support = top_p_mask_and_support(logits, p, max_support=cap)
+    assert torch.equal(mask, top_p_mask(logits, p))
+    assert_support_equal(support, top_p_support(logits, p, max_support=cap))
+    rows = zip(
+        rows_of(logits),
+        rows_of(mask),
+        rows_of(support.ids),
+        support.covered_mass.reshape(-1),
+        support.dropped_mass.reshape(-1),
+        strict=True,
+    )
+    for row, row_mask, ids, covered, dropped in rows:
+        expected = ref_nucleus(row, p)
+        n = len(expected)
+        kept = n if cap is None else min(n, cap)
+        # the dense mask holds the whole nucleus even where the support is capped
+        assert row_mask.nonzero().squeeze(-1).tolist() == sorted(expected)
+        assert ids[:kept].tolist() == expected[:kept]
+        torch.testing.assert_close(
+            covered.double() + dropped.double(),
+            torch.tensor(ref_mass(row, n), dtype=torch.float64),
+            rtol=0,
+            atol=1e-6,
+        )
+
+
+def test_mask_and_support_rank_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = topp._rank_nuclei
+
+    def spy(log_probs, p):
+        calls.append(log_probs.shape[0])
+        return original(log_probs, p)
+
+    monkeypatch.setattr(topp, "_rank_nuclei", spy)
+    top_p_mask_and_support(zipf_logits(6, 500, seed=35).reshape(2, 3, 500), 0.8, max_support=4)
+    assert calls == [6]
+
+
+def test_mask_and_support_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"p must be in \(0, 1\], got p=0"):
+        top_p_mask_and_support(random_logits(2, 5, seed=36), 0)
+    with pytest.raises(ValueError, match="max_support must be an integer >= 1 or None"):
+        top_p_mask_and_support(random_logits(2, 5, seed=36), 0.5, max_support=0)
+    with pytest.raises(ValueError, match="logits contains NaN"):
+        top_p_mask_and_support(torch.tensor([[0.0, float("nan")]]), 0.5)
+
+
 def test_support_to_mask_round_trip() -> None:
     g = torch.Generator().manual_seed(15)
     dense = torch.rand(3, 5, 16, generator=g) < 0.3
@@ -592,6 +659,8 @@ def test_empty_batches_and_stores() -> None:
     for vocab in (10, 100):  # below and above the first top-k length
         logits = torch.zeros(0, 3, vocab)
         assert top_p_mask(logits, 0.5).shape == (0, 3, vocab)
+        mask, capped = top_p_mask_and_support(logits, 0.5, max_support=2)
+        assert mask.shape == (0, 3, vocab) and capped.ids.shape == (0, 3, 1)
         support = top_p_support(logits, 0.5)
         assert support.ids.shape == (0, 3, 1) and support.covered_mass.shape == (0, 3)
         assert len(RaggedSupport.from_logits(logits, 0.5)) == 0
