@@ -22,14 +22,13 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from agents.config import write_atomic
+from tdkd.io import atomic_directory, write_atomic
 
 __all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state", "FORMAT_VERSION"]
 
@@ -113,8 +112,7 @@ class CheckpointManager:
         """Write ``state`` as the checkpoint of ``step``; mark it best when ``best``."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / self.name(step)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.directory))
-        try:
+        with atomic_directory(final) as tmp:  # a re-saved step (after a resume) replaces the old
             torch.save(state, tmp / _STATE)
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -124,14 +122,6 @@ class CheckpointManager:
                 "metric": metric,
             }
             write_atomic(tmp / _MANIFEST, json.dumps(manifest, indent=2))
-            if final.exists():  # re-saving a step after a resume: move the old one aside first
-                trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.directory))
-                os.replace(final, trash / final.name)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         pointer = {"name": final.name, "step": int(step), "metric": metric}
         write_atomic(self.directory / "latest.json", json.dumps(pointer))
         if best:

@@ -31,8 +31,6 @@ import io
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from tensordict import TensorDictBase
 from agents import distributed
 from agents.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from agents.config import TrainConfig, write_atomic
+from tdkd.io import atomic_directory
 from tdkd.sequence import align_steps
 
 __all__ = [
@@ -199,20 +198,10 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 def save_student(student: torch.nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
     """``save_pretrained`` into a temp folder, then rename it into place (atomic)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         student.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=directory.parent))
-            os.replace(directory, trash / directory.name)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -309,10 +298,10 @@ class CacheBatchSource:
 
     def order(self, epoch: int):
         if self._order is None or self._order[0] != epoch:
-            import numpy as np
+            from tdkd.cache import epoch_order
 
-            rows = np.random.default_rng(self.seed + epoch).permutation(self.rows)
-            self._order = (epoch, rows if self.shuffle else self.rows)
+            rows = epoch_order(self.rows, shuffle=self.shuffle, seed=self.seed + epoch)
+            self._order = (epoch, rows)
         return self._order[1]
 
     def batch(self, epoch: int, index: int) -> TensorDictBase:

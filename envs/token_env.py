@@ -15,9 +15,9 @@ from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from envs.kv_cache import IncrementalLM, context_length, output_vocab_size
-from tdkd.topp import check_p, nucleus_size
+from tdkd.topp import check_p, top_p_mask_and_support
 
-__all__ = ["REWARD_MODES", "TopPTokenEnv", "encode_prompts", "nucleus_view", "ranking_prefix"]
+__all__ = ["REWARD_MODES", "TopPTokenEnv", "encode_prompts", "nucleus_view"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,69 +64,26 @@ def encode_prompts(prompts, *, tokenizer=None, vocab_size: int | None = None) ->
     return encoded
 
 
-def ranking_prefix(
-    log_probs: torch.Tensor, p: float, prefix: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first entries of the ``tdkd.topp`` ranking and the nucleus sizes, without a full sort.
-
-    The ranking is descending log-prob, ties by ascending id (``rank_log_probs``). A full sort of
-    [B, V] costs O(V log V) per row, which dominates a decode step at V ~ 50k; instead the top
-    ``prefix`` entries are taken with ``topk`` and ordered by (value desc, id asc). That prefix
-    is exactly the ranking's start for every row whose nucleus ends before it *and* whose last
-    nucleus entry is strictly above the prefix's smallest value (so no tie crosses the cut);
-    the other rows fall back to a full stable sort.
-
-    Args:
-        log_probs: [B, V] float32 log-softmax of the teacher logits.
-        p: nucleus mass in (0, 1].
-        prefix: entries taken by ``topk`` (>= 1).
-
-    Returns:
-        (sorted_log_probs [B, W], sorted_ids int64 [B, W], size int64 [B]) with W >= prefix
-        (W = V when a row fell back) and -inf / 0 beyond each row's exact prefix.
-    """
-    batch, vocab = log_probs.shape
-    prefix = min(int(prefix), vocab)
-    exact = torch.zeros(batch, dtype=torch.bool, device=log_probs.device)
-    if prefix < vocab and p < 1.0:
-        values, ids = torch.topk(log_probs, prefix, dim=-1)
-        ids, order = torch.sort(ids, dim=-1)
-        values, order = torch.sort(values.gather(-1, order), dim=-1, descending=True, stable=True)
-        ids = ids.gather(-1, order)
-        size = nucleus_size(values, p)
-        last_in = values.gather(-1, (size - 1).unsqueeze(-1)).squeeze(-1)
-        exact = (size < prefix) & (last_in > values[:, -1])
-        if bool(exact.all()):
-            return values, ids, size
-    slow = (~exact).nonzero().squeeze(-1)
-    full_values, full_ids = torch.sort(log_probs[slow], dim=-1, descending=True, stable=True)
-    full_size = nucleus_size(full_values, p)
-    if slow.numel() == batch:
-        return full_values, full_ids, full_size
-    out_values = torch.full((batch, vocab), float("-inf"), device=log_probs.device)
-    out_ids = torch.zeros((batch, vocab), dtype=torch.long, device=log_probs.device)
-    out_values[:, :prefix], out_ids[:, :prefix] = values, ids
-    out_values[slow], out_ids[slow] = full_values, full_ids
-    size = size.clone()
-    size[slow] = full_size
-    return out_values, out_ids, size
+def _pad_last(values: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """[B, k] -> [B, width] (k <= width), ``fill`` in the new columns."""
+    extra = width - values.shape[-1]
+    if extra == 0:
+        return values
+    return torch.cat([values, values.new_full((*values.shape[:-1], extra), fill)], dim=-1)
 
 
-def nucleus_view(
-    logits: torch.Tensor, p: float, width: int, *, prefix: int | None = None
-) -> dict[str, torch.Tensor]:
+def nucleus_view(logits: torch.Tensor, p: float, width: int) -> dict[str, torch.Tensor]:
     """Everything the env exposes about the teacher's nucleus, from [B, V] next-token logits.
 
-    The nucleus A_p is the one of ``tdkd.topp`` (same ranking, same ``nucleus_size``; see
-    ``ranking_prefix`` for how it avoids a full sort); the sparse view keeps its top ``width``
-    entries:
+    The nucleus A_p and its sparse view come from one ranking
+    (``tdkd.topp.top_p_mask_and_support``); the sparse view keeps the top ``width`` entries,
+    padded to exactly ``width`` columns (the env's fixed observation shape):
 
         support_ids/log_probs/mask [B, width], covered_mass = sum_{kept} pi_T,
-        nucleus_mass = sum_{A_p} pi_T, dropped_mass = nucleus_mass - covered_mass.
+        dropped_mass = sum_{A_p} pi_T - covered_mass, nucleus_mass = covered + dropped.
 
     Args:
-        logits: [B, V] teacher logits; p: nucleus mass; width: K of the sparse view;
-        prefix: ``topk`` width of the fast path (default max(width, 256)).
+        logits: [B, V] teacher logits; p: nucleus mass; width: K of the sparse view (at most V).
 
     Returns a dict with those plus ``log_probs`` [B, V] (full log-softmax), ``action_mask`` bool
     [B, V] (the whole nucleus) and ``nucleus_size`` int64 [B].
@@ -135,37 +92,18 @@ def nucleus_view(
     >>> view["support_ids"].tolist(), view["action_mask"].tolist(), view["nucleus_size"].tolist()
     ([[0, 1]], [[True, True, False]], [2])
     """
-    p = check_p(p)
-    if torch.isnan(logits).any():
-        raise ValueError("teacher logits contain NaN; check the model and the input ids")
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    vocab = logits.shape[-1]
-    width = min(int(width), vocab)
-    prefix = max(width, 256) if prefix is None else max(int(prefix), width)
-    sorted_log_probs, sorted_ids, size = ranking_prefix(log_probs, p, prefix)
-    largest = int(size.max())
-    ranks = torch.arange(max(largest, width), device=logits.device)
-    in_nucleus = ranks[:largest] < size.unsqueeze(-1)
-    # "amax": padding ids (0, False) never erase a real entry for token 0
-    action_mask = torch.zeros_like(log_probs, dtype=torch.bool).scatter_reduce(
-        -1, sorted_ids[:, :largest], in_nucleus, reduce="amax"
-    )
-    kept = size.clamp(max=width)
-    mask = ranks[:width] < kept.unsqueeze(-1)
-    top = sorted_log_probs[..., :width]
-    cumulative = torch.cumsum(sorted_log_probs[..., :largest].double().exp(), -1)
-    nucleus_mass = cumulative.gather(-1, (size - 1).unsqueeze(-1)).squeeze(-1)
-    covered = cumulative.gather(-1, (kept - 1).unsqueeze(-1)).squeeze(-1)
+    width = min(int(width), logits.shape[-1])
+    action_mask, support = top_p_mask_and_support(logits, p, max_support=width)
     return {
-        "log_probs": log_probs,
+        "log_probs": torch.log_softmax(logits.float(), dim=-1),
         "action_mask": action_mask,
-        "support_ids": torch.where(mask, sorted_ids[..., :width], 0),
-        "support_log_probs": top.masked_fill(~mask, float("-inf")),
-        "support_mask": mask,
-        "nucleus_size": size,
-        "covered_mass": covered.float(),
-        "dropped_mass": (nucleus_mass - covered).clamp(min=0).float(),
-        "nucleus_mass": nucleus_mass,
+        "support_ids": _pad_last(support.ids, width, 0),
+        "support_log_probs": _pad_last(support.log_probs, width, float("-inf")),
+        "support_mask": _pad_last(support.mask, width, False),
+        "nucleus_size": action_mask.sum(-1),
+        "covered_mass": support.covered_mass,
+        "dropped_mass": support.dropped_mass,
+        "nucleus_mass": support.covered_mass.double() + support.dropped_mass.double(),
     }
 
 

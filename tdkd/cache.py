@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tdkd.io import replace_directory
 from tdkd.topp import RaggedSupport, check_p
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "TeacherCache",
     "build_cache",
     "data_hash",
+    "epoch_order",
     "extract_supports",
     "score_batch",
     "support_stats",
@@ -346,9 +348,7 @@ class CacheWriter:
             **({"extra": self.extra} if self.extra else {}),
         }
         (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self._tmp, self.path)
+        replace_directory(self._tmp, self.path)
         self._closed = True
         return self.path
 
@@ -712,9 +712,7 @@ class TeacherCache:
         """Offline batches over a split (one epoch), shuffled with ``seed`` when asked."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        indices = self.indices(split)
-        if shuffle:
-            indices = np.random.default_rng(seed).permutation(indices)
+        indices = epoch_order(self.indices(split), shuffle=shuffle, seed=seed)
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
             if drop_last and len(chunk) < batch_size:
@@ -726,6 +724,16 @@ class TeacherCache:
         return (
             sum(s.path.stat().st_size for s in self._shards) + (self.path / MANIFEST).stat().st_size
         )
+
+
+def epoch_order(indices: np.ndarray, *, shuffle: bool, seed: int) -> np.ndarray:
+    """The rows of one epoch: ``numpy.random.default_rng(seed).permutation(indices)``, or
+    ``indices`` as they are without ``shuffle``.
+
+    >>> epoch_order(np.arange(4), shuffle=False, seed=0).tolist()
+    [0, 1, 2, 3]
+    """
+    return np.random.default_rng(seed).permutation(indices) if shuffle else indices
 
 
 def _concat_ragged(parts: Sequence[RaggedSupport], p: float) -> RaggedSupport:

@@ -31,11 +31,12 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+
+from tdkd.io import atomic_path, write_json_atomic
 
 __all__ = [
     "SPLITS",
@@ -430,22 +431,16 @@ def sample_responses(
 def _write_arrow_atomic(table, path: Path) -> None:
     import pyarrow as pa
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with (
+        atomic_path(path) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as writer,
+    ):
+        writer.write_table(table)
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def _read_arrow(path: Path):

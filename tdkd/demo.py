@@ -435,21 +435,48 @@ def _is_subset(wanted: Any, have: Any) -> bool:
     return wanted == have
 
 
-def finished_run(run_config: Mapping[str, Any]) -> bool:
-    """A run folder whose ``summary.json`` reached ``max_steps`` with this very config."""
+def _saved_run_config(out: Path) -> dict | None:
     import yaml
 
-    out = Path(run_config["out"])
-    summary = read_json(out / "summary.json")
-    if summary is None or not (out / "config.yaml").is_file():
-        return False
     try:
         saved = yaml.safe_load((out / "config.yaml").read_text())
-    except yaml.YAMLError:
+    except (FileNotFoundError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def finished_run(run_config: Mapping[str, Any]) -> bool:
+    """A run folder whose ``summary.json`` reached ``max_steps`` with this very config."""
+    out = Path(run_config["out"])
+    summary = read_json(out / "summary.json")
+    saved = _saved_run_config(out)
+    if summary is None or saved is None:
         return False
     return summary.get("steps") == run_config["train"]["max_steps"] and _is_subset(
         run_config, saved
     )
+
+
+def check_resumable(run_config: Mapping[str, Any]) -> None:
+    """ValueError when ``out`` holds checkpoints of a run that differs in more than its length.
+
+    Only ``train.max_steps`` may change between a run and its continuation; anything else (the
+    loss arguments, the learning rate, ...) would silently mix two runs in one folder.
+    """
+    out = Path(run_config["out"])
+    saved = _saved_run_config(out)
+    if saved is None or not (out / "ckpt").is_dir():
+        return
+    wanted = {**run_config, "train": {**run_config["train"]}}
+    wanted["train"].pop("max_steps", None)
+    if not _is_subset(wanted, saved):
+        changed = sorted(
+            k for k, v in wanted.items() if k not in saved or not _is_subset(v, saved[k])
+        )
+        raise ValueError(
+            f"{out} holds a run with a different config ({', '.join(changed)} changed); delete "
+            "that folder or use another --out to train this one"
+        )
 
 
 def distill_run(run_config: Mapping[str, Any], *, progress: bool = True) -> bool:
@@ -466,6 +493,7 @@ def distill_run(run_config: Mapping[str, Any], *, progress: bool = True) -> bool
     if finished_run(run_config):
         log.info("run %s already finished: skipped", run_config["out"])
         return False
+    check_resumable(run_config)
     out = Path(run_config["out"])
     spec = out.parent / f"{out.name}.yaml"
     spec.parent.mkdir(parents=True, exist_ok=True)

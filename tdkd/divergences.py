@@ -108,6 +108,16 @@ def _check_weight(value: float, name: str) -> float:
     return value
 
 
+def _skew_kl(
+    a_logp: torch.Tensor, b_logp: torch.Tensor, mask: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """KL(a || lam a + (1-lam) b) over the mask, [..., A] -> [...]."""
+    keep_a = mask & torch.isfinite(a_logp)
+    a_safe = a_logp.masked_fill(~keep_a, float("-inf"))
+    b_safe = b_logp.masked_fill(~mask, float("-inf"))
+    return _kl(a_safe, _mixture_log_probs(a_safe, b_safe, lam), keep_a)
+
+
 def jsd(
     teacher_log_probs: torch.Tensor,
     student_log_probs: torch.Tensor,
@@ -139,11 +149,7 @@ def skew_kl(
 ) -> torch.Tensor:
     """Skew forward KL(P || lam P + (1-lam) Q) (DistiLLM; lam = 0 is forward KL)."""
     mask = _check(teacher_log_probs, student_log_probs, mask)
-    lam = _check_weight(lam, "lam")
-    keep_p = mask & torch.isfinite(teacher_log_probs)
-    p_safe = teacher_log_probs.masked_fill(~keep_p, float("-inf"))
-    q_safe = student_log_probs.masked_fill(~mask, float("-inf"))
-    return _kl(p_safe, _mixture_log_probs(p_safe, q_safe, lam), keep_p)
+    return _skew_kl(teacher_log_probs, student_log_probs, mask, _check_weight(lam, "lam"))
 
 
 def skew_rkl(
@@ -155,11 +161,7 @@ def skew_rkl(
 ) -> torch.Tensor:
     """Skew reverse KL(Q || lam Q + (1-lam) P) (DistiLLM; lam = 0 is reverse KL)."""
     mask = _check(teacher_log_probs, student_log_probs, mask)
-    lam = _check_weight(lam, "lam")
-    keep_q = mask & torch.isfinite(student_log_probs)
-    q_safe = student_log_probs.masked_fill(~keep_q, float("-inf"))
-    p_safe = teacher_log_probs.masked_fill(~mask, float("-inf"))
-    return _kl(q_safe, _mixture_log_probs(q_safe, p_safe, lam), keep_q)
+    return _skew_kl(student_log_probs, teacher_log_probs, mask, _check_weight(lam, "lam"))
 
 
 def tvd(
@@ -219,10 +221,28 @@ def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, tor
     return flat, rows
 
 
-def _scatter_rows(
-    values: list[torch.Tensor], rows: torch.Tensor, shape: torch.Size, like: torch.Tensor
-):
-    out = torch.zeros(math.prod(shape), dtype=torch.float32, device=like.device)
+def _mask_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Flat indices of the True rows of ``mask`` (None: every row)."""
+    return None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
+
+
+def _chunked_rows(
+    block: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    s_flat: torch.Tensor,
+    rows: torch.Tensor,
+    shape: torch.Size,
+    chunk_size: int,
+) -> torch.Tensor:
+    """``block(idx, s_flat)`` over ``rows`` in chunks (checkpointed when s_flat needs a
+    gradient), scattered into a float32 tensor of ``shape`` (0 on rows not visited)."""
+    values = []
+    for start in range(0, rows.numel(), chunk_size):
+        idx = rows[start : start + chunk_size]
+        if s_flat.requires_grad:
+            values.append(checkpoint(block, idx, s_flat, use_reentrant=False))
+        else:
+            values.append(block(idx, s_flat))
+    out = torch.zeros(math.prod(shape), dtype=torch.float32, device=s_flat.device)
     if values:
         out = out.index_put((rows,), torch.cat(values))
     return out.reshape(shape)
@@ -257,7 +277,7 @@ def full_vocab_divergence(
             f"{tuple(student_logits.shape)}: teacher and student must share a tokenizer"
         )
     lead = student_logits.shape[:-1]
-    rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
+    rows = _mask_rows(mask)
     t_flat, rows = _rows(teacher_logits.detach(), rows)
     s_flat, _ = _rows(student_logits, rows)
 
@@ -266,14 +286,7 @@ def full_vocab_divergence(
         s = torch.log_softmax(s_all.index_select(0, idx).float(), dim=-1)
         return fn(t, s, **hyperparameters)
 
-    values = []
-    for start in range(0, rows.numel(), chunk_size):
-        idx = rows[start : start + chunk_size]
-        if s_flat.requires_grad:
-            values.append(checkpoint(block, idx, s_flat, use_reentrant=False))
-        else:
-            values.append(block(idx, s_flat))
-    return _scatter_rows(values, rows, lead, student_logits)
+    return _chunked_rows(block, s_flat, rows, lead, chunk_size)
 
 
 def full_vocab_cross_entropy(
@@ -300,7 +313,7 @@ def full_vocab_cross_entropy(
             f"targets must be {tuple(student_logits.shape[:-1])}, got {tuple(targets.shape)}"
         )
     lead = targets.shape
-    rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
+    rows = _mask_rows(mask)
     s_flat, rows = _rows(student_logits, rows)
     t_flat = targets.reshape(-1).long()
 
@@ -309,11 +322,4 @@ def full_vocab_cross_entropy(
         picked = logits.gather(-1, t_flat.index_select(0, idx).unsqueeze(-1)).squeeze(-1)
         return torch.logsumexp(logits, dim=-1) - picked
 
-    values = []
-    for start in range(0, rows.numel(), chunk_size):
-        idx = rows[start : start + chunk_size]
-        if s_flat.requires_grad:
-            values.append(checkpoint(block, idx, s_flat, use_reentrant=False))
-        else:
-            values.append(block(idx, s_flat))
-    return _scatter_rows(values, rows, lead, student_logits)
+    return _chunked_rows(block, s_flat, rows, lead, chunk_size)

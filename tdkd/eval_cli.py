@@ -18,9 +18,10 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tdkd.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +106,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, data)
 
 
 def config_path(out: str | os.PathLike) -> Path:

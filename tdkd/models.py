@@ -36,13 +36,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tdkd.io import atomic_directory
 
 __all__ = [
     "EMBEDDED_TEACHERS",
@@ -216,9 +216,7 @@ def convert_embedded_teacher(name: str = "smollm2-135m-instruct", *, force: bool
         if config.tie_word_embeddings:
             model.tie_weights()
         del gguf_model
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             files = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -230,12 +228,6 @@ def convert_embedded_teacher(name: str = "smollm2-135m-instruct", *, force: bool
                 "files": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         log.info("converted %s into %s", name, target)
         return target
 
@@ -356,7 +348,7 @@ def student_from_config(
     seed: int = 0,
 ):
     """A randomly initialised Llama student sharing the teacher's vocabulary and special ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     if hidden_size % num_heads:
         raise ValueError(
@@ -376,14 +368,22 @@ def student_from_config(
         bos_token_id=getattr(tc, "bos_token_id", None),
         tie_word_embeddings=True,
     )
+    model = _seeded_llama(config, seed)
+    model.config._tdkd_id = f"config:h={hidden_size},l={num_layers},heads={num_heads}"
+    return model.train()
+
+
+def _seeded_llama(config, seed: int):
+    """``LlamaForCausalLM(config)`` initialised under ``torch.manual_seed(seed)``; the global
+    RNG state is restored afterwards."""
+    from transformers import LlamaForCausalLM
+
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = LlamaForCausalLM(config)
+        return LlamaForCausalLM(config)
     finally:
         torch.random.set_rng_state(generator_state)
-    model.config._tdkd_id = f"config:h={hidden_size},l={num_layers},heads={num_heads}"
-    return model.train()
 
 
 def load_student(
@@ -569,7 +569,7 @@ def tiny_causal_lm(
     >>> model(torch.tensor([[2, 3]])).logits.shape
     torch.Size([1, 2, 16])
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -584,10 +584,5 @@ def tiny_causal_lm(
         bos_token_id=None,
         tie_word_embeddings=False,
     )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    model = _seeded_llama(config, seed)
     return model.eval()

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tdkd.io import write_json_atomic
 
 
 @dataclass
@@ -240,10 +239,7 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    write_json_atomic(path, data, default=str)
 
 
 def run(args: argparse.Namespace) -> int:

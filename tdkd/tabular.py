@@ -245,6 +245,47 @@ def _expected_next(P: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (P * v[..., None, None, :]).sum(-1)
 
 
+def _check_problem(
+    P: torch.Tensor,
+    r: torch.Tensor,
+    gamma: float | torch.Tensor,
+    mask: torch.Tensor | None,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(P, r, mask, gamma [...], alpha), checked and converted (``_check_mdp`` and friends)."""
+    P, r, mask = _check_mdp(P, r, mask)
+    return P, r, mask, _check_gamma(gamma, r.shape[:-2]), _check_alpha(alpha)
+
+
+def _policy_value(x: torch.Tensor, log_pi: torch.Tensor, alpha: float) -> torch.Tensor:
+    """sum_a pi(a|s) [x(s,a) - alpha log pi(a|s)]: [..., S, A] -> [..., S].
+
+    pi = 0 outside the support (and wherever the policy itself is 0): no contribution.
+    """
+    pi = log_pi.exp()
+    term = torch.where(pi > 0, x - alpha * log_pi, torch.zeros_like(x))
+    return (pi * term).sum(-1)
+
+
+def _operator(
+    P: torch.Tensor,
+    r: torch.Tensor,
+    gamma: torch.Tensor,
+    mask: torch.Tensor,
+    next_value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Q -> r + gamma P next_value(Q, mask) [..., S, A], -inf outside the mask."""
+    g = gamma[..., None, None]
+
+    def apply(q: torch.Tensor) -> torch.Tensor:
+        q = _check_q(q, r.shape)
+        full_mask = mask.expand(q.shape)
+        v_next = next_value(q, full_mask)
+        return (r + g * _expected_next(P, v_next)).masked_fill(~full_mask, float("-inf"))
+
+    return apply
+
+
 def optimality_operator(
     P: torch.Tensor,
     r: torch.Tensor,
@@ -260,17 +301,8 @@ def optimality_operator(
     broadcast against the MDP batch; entries outside the mask are ignored) and returns T_p Q of
     the same shape, -inf outside the mask.
     """
-    P, r, mask = _check_mdp(P, r, mask)
-    g = _check_gamma(gamma, r.shape[:-2])[..., None, None]
-    alpha = _check_alpha(alpha)
-
-    def apply(q: torch.Tensor) -> torch.Tensor:
-        q = _check_q(q, r.shape)
-        full_mask = mask.expand(q.shape)
-        v_next = soft_value(q, full_mask, alpha)
-        return (r + g * _expected_next(P, v_next)).masked_fill(~full_mask, float("-inf"))
-
-    return apply
+    P, r, mask, gamma, alpha = _check_problem(P, r, gamma, mask, alpha)
+    return _operator(P, r, gamma, mask, lambda q, full_mask: soft_value(q, full_mask, alpha))
 
 
 def evaluation_operator(
@@ -291,21 +323,9 @@ def evaluation_operator(
 
     The returned function maps Q [..., S, A] to B^pi_p Q of the same shape, -inf outside the mask.
     """
-    P, r, mask = _check_mdp(P, r, mask)
-    g = _check_gamma(gamma, r.shape[:-2])[..., None, None]
-    alpha = _check_alpha(alpha)
+    P, r, mask, gamma, alpha = _check_problem(P, r, gamma, mask, alpha)
     log_pi = _log_projected_policy(policy, mask)
-    pi = log_pi.exp()
-
-    def apply(q: torch.Tensor) -> torch.Tensor:
-        q = _check_q(q, r.shape)
-        full_mask = mask.expand(q.shape)
-        # pi = 0 outside the support (and wherever the policy itself is 0): no contribution.
-        term = torch.where(pi > 0, q - alpha * log_pi, torch.zeros_like(q))
-        v_next = (pi * term).sum(-1)
-        return (r + g * _expected_next(P, v_next)).masked_fill(~full_mask, float("-inf"))
-
-    return apply
+    return _operator(P, r, gamma, mask, lambda q, _: _policy_value(q, log_pi, alpha))
 
 
 def soft_value_iteration(
@@ -340,11 +360,9 @@ def soft_value_iteration(
     """
     if not float(tol) > 0:
         raise ValueError(f"tol must be > 0, got tol={tol}")
-    P, r, mask = _check_mdp(P, r, mask)
-    gamma = _check_gamma(gamma, r.shape[:-2])
+    P, r, mask, gamma, alpha = _check_problem(P, r, gamma, mask, alpha)
     g = gamma[..., None, None]
     error_per_change = gamma / (1.0 - gamma)  # [...] or []
-    alpha = _check_alpha(alpha)
     tol = float(tol)
     # -inf on masked-out pairs, added instead of masked_fill in the loop.
     blocked = torch.zeros_like(r).masked_fill(~mask, float("-inf"))
@@ -396,13 +414,10 @@ def soft_policy_evaluation(
     >>> soft_policy_evaluation(P, torch.zeros(1, 2), 0.5, torch.tensor([[1.0, 0.0]]))
     tensor([[0., 0.]], dtype=torch.float64)
     """
-    P, r, mask = _check_mdp(P, r, mask)
-    g = _check_gamma(gamma, r.shape[:-2])
-    alpha = _check_alpha(alpha)
+    P, r, mask, g, alpha = _check_problem(P, r, gamma, mask, alpha)
     log_pi = _log_projected_policy(policy, mask)
     pi = log_pi.exp()
-    entropy_reward = torch.where(pi > 0, r - alpha * log_pi, torch.zeros_like(r))
-    r_pi = (pi * entropy_reward).sum(-1)  # [..., S]
+    r_pi = _policy_value(r, log_pi, alpha)  # [..., S]
     P_pi = (pi.unsqueeze(-1) * P).sum(-2)  # [..., S, S]
     eye = torch.eye(P.shape[-1], dtype=_DTYPE, device=P.device)
     v = torch.linalg.solve(eye - g[..., None, None] * P_pi, r_pi.unsqueeze(-1)).squeeze(-1)

@@ -130,6 +130,29 @@ def support_value(
     return torch.where(support_t.any(-1), v, torch.zeros_like(v))
 
 
+def _phi(x: torch.Tensor, alpha_chi: float | None) -> torch.Tensor:
+    """phi(x): chi2_phi(x, alpha_chi), or x itself when alpha_chi is None."""
+    return x if alpha_chi is None else chi2_phi(x, alpha_chi)
+
+
+def _step_values(v: torch.Tensor, mask_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_t, v_tp1) [B, T]: v zeroed off mask_t and its next-state shift (0 after the end)."""
+    v_t = torch.where(mask_t, v, torch.zeros_like(v))
+    return v_t, next_state_value(v_t, mask_t)
+
+
+def _bd_loss(
+    expert_t: torch.Tensor,
+    v_t: torch.Tensor,
+    v_tp1: torch.Tensor,
+    mask_t: torch.Tensor,
+    gamma: float,
+) -> torch.Tensor:
+    """loss_t = -[expert_t - (v_t - gamma v_tp1)] on mask_t, 0 elsewhere ([B, T])."""
+    j_t = expert_t - (v_t - gamma * v_tp1)
+    return torch.where(mask_t, -j_t, torch.zeros_like(j_t))
+
+
 def bellman_distill_loss(
     q_a_t: torch.Tensor,
     q_t: torch.Tensor,
@@ -155,12 +178,9 @@ def bellman_distill_loss(
         (loss_t [B, T], v_t [B, T]) both 0 off mask_t.
     """
     _check_step_shapes(q_t, support_t, mask_t)
-    v_t = torch.where(mask_t, support_value(q_t, support_t), torch.zeros_like(q_a_t))
-    v_tp1 = next_state_value(v_t, mask_t)
-    x_t = q_a_t - gamma * v_tp1
-    expert_t = x_t if alpha_chi is None else chi2_phi(x_t, alpha_chi)
-    j_t = expert_t - (v_t - gamma * v_tp1)
-    return torch.where(mask_t, -j_t, torch.zeros_like(j_t)), v_t
+    v_t, v_tp1 = _step_values(support_value(q_t, support_t), mask_t)
+    expert_t = _phi(q_a_t - gamma * v_tp1, alpha_chi)
+    return _bd_loss(expert_t, v_t, v_tp1, mask_t, gamma), v_t
 
 
 def bellman_distill_nucleus_loss(
@@ -208,17 +228,12 @@ def bellman_distill_nucleus_loss(
     if epsilon > 0.0:
         pi_out = epsilon / norm
         v_out = n_out * pi_out * (-math.log(pi_out))
-    v_t = torch.where(mask_t, v_in + v_out, torch.zeros_like(v_in))
-    v_tp1 = next_state_value(v_t, mask_t)
-
-    def phi(x: torch.Tensor) -> torch.Tensor:
-        return x if alpha_chi is None else chi2_phi(x, alpha_chi)
-
-    expert_in = phi(q_in - gamma * v_tp1.unsqueeze(-1)).masked_fill(~support_t, 0.0).sum(-1)
-    expert_out = n_out * phi(-gamma * v_tp1)
+    v_t, v_tp1 = _step_values(v_in + v_out, mask_t)
+    x_in = q_in - gamma * v_tp1.unsqueeze(-1)
+    expert_in = _phi(x_in, alpha_chi).masked_fill(~support_t, 0.0).sum(-1)
+    expert_out = n_out * _phi(-gamma * v_tp1, alpha_chi)
     expert_t = (expert_in + expert_out) / float(vocab_size)
-    j_t = expert_t - (v_t - gamma * v_tp1)
-    return torch.where(mask_t, -j_t, torch.zeros_like(j_t)), v_t
+    return _bd_loss(expert_t, v_t, v_tp1, mask_t, gamma), v_t
 
 
 def soft_q_target(

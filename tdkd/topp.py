@@ -103,8 +103,9 @@ def _log_probs(logits: torch.Tensor, name: str = "logits") -> torch.Tensor:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     # NaN, +inf, a row of only -inf and float32 overflow all show up as NaN log-probs; one
-    # cheap pass here, the diagnosis only on failure.
-    if torch.isnan(log_probs).any():
+    # cheap pass here, the diagnosis only on failure. log-probs are never +inf, so their sum
+    # is NaN iff one of them is (and a sum is ~20x cheaper than isnan(...).any()).
+    if torch.isnan(log_probs.sum()):
         if torch.isnan(logits).any():
             raise ValueError(f"{name} contains NaN; check the model's outputs or the input ids")
         if (logits == float("inf")).any():
@@ -317,6 +318,9 @@ def _rank_nuclei(log_probs: torch.Tensor, p: float) -> list[_RankedRows]:
                 continue
         done, todo, prefix = _prefix_rank(log_probs, rows, k, p)
         ranked.append(done)
+        if todo.numel() == 0 and (pending is None or pending.numel() == 0):
+            pending = todo  # every row resolved: the longer prefixes have nothing to do
+            break
         next_level = _next_level(prefix, lengths, index, p)
         if pending is None:
             pending, level = todo, next_level
@@ -330,15 +334,12 @@ def _rank_nuclei(log_probs: torch.Tensor, p: float) -> list[_RankedRows]:
 
 def _dense_mask(parts: list[_RankedRows], log_probs: torch.Tensor) -> torch.Tensor:
     """bool [N, V]: True on each row's nucleus, from the ranked rows of [N, V] log-probs."""
-    dense = torch.zeros(log_probs.shape, dtype=torch.bool, device=log_probs.device)
+    n, vocab = log_probs.shape
+    dense = torch.zeros(n * vocab, dtype=torch.bool, device=log_probs.device)
     for part in parts:
         inside = (torch.arange(part.ids.shape[-1]) < part.size.unsqueeze(-1)).to(dense.device)
-        # The ids of a ranking prefix are distinct, so the scatter is deterministic.
-        block = torch.zeros(
-            (part.ids.shape[0], dense.shape[-1]), dtype=torch.bool, device=dense.device
-        )
-        dense.index_copy_(0, part.rows, block.scatter_(-1, part.ids, inside))
-    return dense
+        dense[(part.rows.unsqueeze(-1) * vocab + part.ids)[inside]] = True
+    return dense.reshape(n, vocab)
 
 
 def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:

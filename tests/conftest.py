@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from tdkd.models import tiny_causal_lm
+
 # Tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -27,3 +29,33 @@ def _seed_and_threads(request):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole test module (restored afterwards).
+
+    Tiny models: one thread is much faster on a loaded shared CPU. Module-scoped, so the
+    module's own model-building fixtures run on it too; a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(one_thread):
+    """A tiny random Llama (V = 64, seed 1) with concentrated next-token distributions (small
+    nuclei): its output head scaled by 30."""
+    model = tiny_causal_lm(vocab_size=64, seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+@pytest.fixture(scope="module")
+def student(one_thread):
+    """A tiny random Llama (V = 64, seed 2), the student next to ``teacher``."""
+    return tiny_causal_lm(vocab_size=64, seed=2)

@@ -118,6 +118,22 @@ def _build_offline_batch(
     )
 
 
+def logits_gradient_on_nucleus(loss, student, td: TensorDict, key: str):
+    """(d loss[key] / d student logits [B, L, V], the dense nucleus mask [B, L-1, V]).
+
+    The loss is fed the student's own logits (its ``_logits`` hooked), so their gradient can be
+    read; grad[:, i] and dense[:, i] are both at the state before token i + 1 (the step grid).
+    """
+    from tdkd.topp import support_to_mask
+
+    logits = student(td["tokens"], attention_mask=td["attention_mask"].long()).logits
+    logits.retain_grad()
+    loss._logits = lambda tensordict, params=None: logits
+    loss(td)[key].backward()
+    dense = support_to_mask(td["support_ids"][:, 1:], td["support_mask"][:, 1:], logits.shape[-1])
+    return logits.grad, dense
+
+
 def total_loss(out: TensorDict) -> torch.Tensor:
     return sum(v.sum() for k, v in out.items() if k.startswith("loss_"))
 

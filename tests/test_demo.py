@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 import torch
+import yaml
 
 from tdkd import cli
 from tdkd.demo import (
@@ -177,6 +178,7 @@ def test_demo_pipeline_on_tiny_models_and_resume(tiny_teacher_dir, tmp_path):
         eval_batches=1,
         seeds=2,
         eval_prompts=3,
+        loss_kwargs={"bd": {"gamma": 0.9}},
     )
     out = tmp_path / "demo"
     results = run_demo(config, progress=False)
@@ -186,7 +188,8 @@ def test_demo_pipeline_on_tiny_models_and_resume(tiny_teacher_dir, tmp_path):
     for algo in ("bd", "kd"):
         summary = json.loads((out / "runs" / algo / "summary.json").read_text())
         assert summary["algo"] == algo and summary["steps"] == 2
-        assert (out / "runs" / algo / "config.yaml").is_file()
+        saved = yaml.safe_load((out / "runs" / algo / "config.yaml").read_text())
+        assert saved["loss_kwargs"] == ({"gamma": 0.9} if algo == "bd" else {})
         assert (out / "runs" / algo / "student" / "config.json").is_file()
         curves = read_metrics_csv(out / "runs" / algo / "metrics.csv")
         assert [s for s, _ in curves["eval/token_nll"]] == [1, 2]
@@ -242,6 +245,10 @@ def test_demo_pipeline_on_tiny_models_and_resume(tiny_teacher_dir, tmp_path):
             s for s, _ in read_metrics_csv(out / "runs" / algo / "metrics.csv")["losses/total"]
         ]
         assert steps == [1, 2, 3]
+    # another loss config in the same folder is refused, not mixed into the old run
+    changed = DemoConfig(**{**longer.to_dict(), "algos": ("bd", "kd"), "lr": 0.5})
+    with pytest.raises(ValueError, match=r"different config \(train changed\)"):
+        run_demo(changed, progress=False)
     pair_again = json.loads((out / "eval" / "bd_vs_kd.json").read_text())
     assert pair_again is not None and resumed["methods"]["teacher"] == results["methods"]["teacher"]
     assert (out / "eval" / "bd_vs_kd.json").stat().st_mtime_ns != before["eval/bd_vs_kd.json"]

@@ -3,21 +3,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from tdkd import cli
 from tdkd.eval_cli import config_path, format_table
 from tdkd.models import tiny_causal_lm, tiny_teacher_student
 from tdkd.prepare import PrepareConfig, prepare
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is ~100x faster than two on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

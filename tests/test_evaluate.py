@@ -21,14 +21,7 @@ from tdkd.metrics import mean_std, rouge_l, win_rate
 from tdkd.models import tiny_causal_lm, tiny_teacher_student, tiny_tokenizer
 from tdkd.topp import top_p_mask
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is ~100x faster than two on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,27 +12,12 @@ from torchrl.envs.utils import check_env_specs
 
 import envs
 from envs import ENV_ID, TopPTokenGymEnv, TopPTokenVectorEnv
-from tdkd.models import tiny_causal_lm
 
 V = 64
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    model = tiny_causal_lm(vocab_size=V, seed=1)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KWARGS = dict(max_new_tokens=4, max_support=8)

@@ -6,12 +6,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from losses_contract import LossContract, make_offline_batch, tiny_student
+from losses_contract import (
+    LossContract,
+    logits_gradient_on_nucleus,
+    make_offline_batch,
+    tiny_student,
+)
 
 from agents.losses import SFTLoss, TokenDivergenceLoss
 from tdkd.divergences import DIVERGENCES
 from tdkd.sequence import align_steps
-from tdkd.topp import support_to_mask
 
 
 class TestSFTContract(LossContract):
@@ -80,13 +84,9 @@ def test_gradient_outside_the_nucleus(normalization, outside):
     td = make_offline_batch(p_store=0.6)
     student = tiny_student()
     loss = TokenDivergenceLoss(student, student_normalization=normalization)
-    logits = student(td["tokens"], attention_mask=td["attention_mask"].long()).logits
-    logits.retain_grad()
-    loss._logits = lambda tensordict, params=None: logits
-    loss(td)["loss_forward_kl"].backward()
-    dense = support_to_mask(td["support_ids"][:, 1:], td["support_mask"][:, 1:], logits.shape[-1])
+    grad, dense = logits_gradient_on_nucleus(loss, student, td, "loss_forward_kl")
     rows = dense.any(-1, keepdim=True).expand_as(dense)
-    off = logits.grad[:, :-1][rows & ~dense]
+    off = grad[:, :-1][rows & ~dense]
     assert bool((off != 0).any()) == outside
     if outside:  # d/dlogit of KL(P || softmax) off the support is softmax > 0
         assert bool((off > 0).all())

@@ -44,16 +44,14 @@ def _one_intra_op_thread():
 # ----------------------------------------------------------------------------- naive references
 
 
-def naive_value_iteration(P, r, gamma, mask, alpha=1.0, tol=1e-13):
-    """Soft value iteration in Python loops over s, a, s' (lists of floats)."""
+def naive_fixed_point(P, r, gamma, values, tol):
+    """Iterate Q <- r + gamma P values(Q) from Q = 0, in loops over s, a, s', until no entry
+    moves by tol; ``values`` maps Q (lists) to V(s) (a list). Returns Q as lists."""
     S, A = r.shape
-    P, r, mask = P.tolist(), r.tolist(), mask.tolist()
+    P, r = P.tolist(), r.tolist()
     q = [[0.0] * A for _ in range(S)]
     while True:
-        v = []
-        for s in range(S):
-            total = sum(math.exp(q[s][a] / alpha) for a in range(A) if mask[s][a])
-            v.append(alpha * math.log(total))
+        v = values(q)
         new = [
             [r[s][a] + gamma * sum(P[s][a][t] * v[t] for t in range(S)) for a in range(A)]
             for s in range(S)
@@ -61,7 +59,22 @@ def naive_value_iteration(P, r, gamma, mask, alpha=1.0, tol=1e-13):
         change = max(abs(new[s][a] - q[s][a]) for s in range(S) for a in range(A))
         q = new
         if change < tol:
-            break
+            return q
+
+
+def naive_value_iteration(P, r, gamma, mask, alpha=1.0, tol=1e-13):
+    """Soft value iteration in Python loops over s, a, s' (lists of floats)."""
+    S, A = r.shape
+    mask = mask.tolist()
+
+    def values(q):
+        v = []
+        for s in range(S):
+            total = sum(math.exp(q[s][a] / alpha) for a in range(A) if mask[s][a])
+            v.append(alpha * math.log(total))
+        return v
+
+    q = naive_fixed_point(P, r, gamma, values, tol)
     return torch.tensor(
         [[q[s][a] if mask[s][a] else NEG_INF for a in range(A)] for s in range(S)], dtype=F64
     )
@@ -81,21 +94,14 @@ def naive_policy_evaluation(P, r, gamma, policy, mask, alpha=1.0, tol=1e-13):
     """Iterate the top-p evaluation operator B^pi_p, in loops, until it stops moving."""
     S, A = r.shape
     pi = naive_projection(policy, mask)
-    P, r = P.tolist(), r.tolist()
-    q = [[0.0] * A for _ in range(S)]
-    while True:
-        v = [
+
+    def values(q):
+        return [
             sum(pi[t][b] * (q[t][b] - alpha * math.log(pi[t][b])) for b in range(A) if pi[t][b] > 0)
             for t in range(S)
         ]
-        new = [
-            [r[s][a] + gamma * sum(P[s][a][t] * v[t] for t in range(S)) for a in range(A)]
-            for s in range(S)
-        ]
-        change = max(abs(new[s][a] - q[s][a]) for s in range(S) for a in range(A))
-        q = new
-        if change < tol:
-            break
+
+    q = naive_fixed_point(P, r, gamma, values, tol)
     return torch.tensor(q, dtype=F64).masked_fill(~mask, NEG_INF)
 
 

@@ -11,13 +11,7 @@ from envs import StudentPolicy, TabularTokenEnv
 from envs.tabular import MarkovTeacher, markov_teacher_logits
 from tdkd.topp import top_p_mask
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_check_env_specs():

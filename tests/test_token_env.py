@@ -65,30 +65,37 @@ def test_check_env_specs(teacher, action_space):
     check_env_specs(make_env(teacher, action_space=action_space), seed=0)
 
 
-@pytest.mark.parametrize("prefix", [None, 8, 16])
-def test_nucleus_view_matches_topp(prefix):
+@pytest.mark.parametrize("width", [1, 8, V])
+def test_nucleus_view_matches_topp(width):
     logits = torch.randn(6, V) * 3
-    logits[1, :] = 0.0  # all ties: falls back to the full sort
+    logits[1, :] = 0.0  # all ties: the full sort
     logits[2, 7] = 50.0  # one dominant token
-    logits[3, :5] = 9.0  # ties inside the prefix
+    logits[3, :5] = 9.0  # ties inside the top-k prefix
     logits[4, 0] = 40.0  # token 0 in the nucleus (padding ids are 0 too)
-    logits[5] *= 4.0  # peaked: the topk fast path
+    logits[5] *= 4.0  # peaked
     for p in (0.3, 0.8, 0.95, 1.0):
-        view = nucleus_view(logits, p, width=8, prefix=prefix)
-        torch.testing.assert_close(view["action_mask"], top_p_mask(logits, p))
-        capped = top_p_support(logits, p, max_support=8)
+        view = nucleus_view(logits, p, width=width)
+        dense = top_p_mask(logits, p)
+        torch.testing.assert_close(view["action_mask"], dense)
+        assert torch.equal(view["nucleus_size"], dense.sum(-1))  # uncapped, unlike the view
+        capped = top_p_support(logits, p, max_support=width)
         k = capped.ids.shape[-1]
+        for key in ("support_ids", "support_log_probs", "support_mask"):
+            assert view[key].shape == (6, width), key  # the env's fixed observation width
         torch.testing.assert_close(view["support_ids"][:, :k], capped.ids)
         torch.testing.assert_close(view["support_mask"][:, :k], capped.mask)
         assert not view["support_mask"][:, k:].any()
+        assert (view["support_ids"][:, k:] == 0).all()
+        assert (view["support_log_probs"][:, k:] == float("-inf")).all()
         torch.testing.assert_close(view["support_log_probs"][:, :k], capped.log_probs)
         torch.testing.assert_close(view["covered_mass"], capped.covered_mass)
         torch.testing.assert_close(view["dropped_mass"], capped.dropped_mass, atol=1e-6, rtol=0)
         torch.testing.assert_close(view["log_probs"], torch.log_softmax(logits, -1))
-        # sort + cumsum reference for the nucleus mass
-        probs = torch.softmax(logits.double(), -1)
-        reference = (probs * top_p_mask(logits, p)).sum(-1)
-        torch.testing.assert_close(view["nucleus_mass"], reference)
+        # sort + cumsum reference for the (uncapped) nucleus mass
+        sorted_probs = torch.sort(torch.softmax(logits.double(), -1), -1, descending=True)[0]
+        cumulative = torch.cumsum(sorted_probs, -1)
+        reference = cumulative.gather(-1, (dense.sum(-1) - 1).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(view["nucleus_mass"], reference, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- dynamics

@@ -27,7 +27,7 @@ from tdkd.divergences import forward_kl, reverse_kl
 from tdkd.sequence import Steps, action_in_support, align_steps, restrict_support_mask
 from tdkd.topp import check_p, gather_support, proj_p_log_probs
 
-__all__ = ["SequenceLoss", "StepBatch", "at_least_fp32", "last_step"]
+__all__ = ["SequenceLoss", "StepBatch", "at_least_fp32", "check_choice", "check_gamma", "last_step"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -55,6 +55,15 @@ class StepBatch:
     @property
     def mask(self) -> torch.Tensor:
         return self.steps.mask
+
+    @property
+    def safe_support(self) -> torch.Tensor:
+        """bool [B, T, K]: the support, all True in rows without one (keeps proj_p finite)."""
+        return self.support_mask | ~self.support_mask.any(-1, keepdim=True)
+
+    def student_log_probs(self) -> torch.Tensor:
+        """[B, T, K] log proj_p(softmax(student logits)) on the nucleus (the actor)."""
+        return proj_p_log_probs(self.logits_on_support, self.safe_support)
 
 
 class SequenceLoss(LossModule):
@@ -212,6 +221,21 @@ class SequenceLoss(LossModule):
     def _output(self, td: TensorDictBase, values: dict[str, torch.Tensor]) -> TensorDict:
         batch_size = td.batch_size[:1] if self.reduction == "none" else []
         return TensorDict(values, batch_size=batch_size)
+
+
+def check_gamma(gamma: float) -> float:
+    """gamma as a float (ValueError unless it lies in [0, 1))."""
+    if not 0.0 <= gamma < 1.0:
+        raise ValueError(f"gamma must be in [0, 1), got gamma={gamma}")
+    return float(gamma)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """value (ValueError naming the argument unless it is one of ``choices``)."""
+    if value not in choices:
+        options = " or ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be {options}, got {name}={value!r}")
+    return value
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import dispatch
 from torch import nn
 
-from agents.losses._base import SequenceLoss
+from agents.losses._base import SequenceLoss, check_choice
 from tdkd.divergences import full_vocab_cross_entropy, full_vocab_divergence, get_divergence
 from tdkd.sequence import align_steps
 from tdkd.topp import proj_p_log_probs
@@ -106,13 +106,8 @@ class TokenDivergenceLoss(SequenceLoss):
     ) -> None:
         super().__init__(student, p=p, reduction=reduction)
         self.divergence_fn = get_divergence(divergence)
-        if vocab not in ("support", "full"):
-            raise ValueError(f"vocab must be 'support' or 'full', got vocab={vocab!r}")
-        if student_normalization not in ("support", "vocab"):
-            raise ValueError(
-                "student_normalization must be 'support' or 'vocab', got "
-                f"student_normalization={student_normalization!r}"
-            )
+        check_choice("vocab", vocab, ("support", "full"))
+        check_choice("student_normalization", student_normalization, ("support", "vocab"))
         if student_normalization == "vocab" and divergence not in ("forward_kl", "cross_entropy"):
             raise ValueError(
                 f"student_normalization='vocab' is only a divergence for forward_kl and "
@@ -167,10 +162,11 @@ class TokenDivergenceLoss(SequenceLoss):
             return self._output(tensordict, {self._loss_keys[0]: self._full(tensordict, logits)})
         batch = self._step_batch(tensordict, logits)
         support = batch.support_mask
-        safe = support | ~support.any(-1, keepdim=True)
-        teacher = proj_p_log_probs(batch.support_log_probs.masked_fill(~support, 0.0), safe)
+        teacher = proj_p_log_probs(
+            batch.support_log_probs.masked_fill(~support, 0.0), batch.safe_support
+        )
         if self.student_normalization == "support":
-            student = proj_p_log_probs(batch.logits_on_support, safe)
+            student = batch.student_log_probs()
         else:
             # log sum_V exp(logits) = CE(a_t) + logit(a_t), from the chunked fp32 pass
             nll = full_vocab_cross_entropy(

@@ -10,7 +10,7 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import dispatch
 from torch import nn
 
-from agents.losses._base import SequenceLoss, StepBatch, at_least_fp32
+from agents.losses._base import SequenceLoss, StepBatch, at_least_fp32, check_choice, check_gamma
 from tdkd.divergences import forward_kl, full_vocab_cross_entropy
 from tdkd.td import bellman_distill_loss, bellman_distill_nucleus_loss, q_max_shift_clip
 
@@ -85,12 +85,8 @@ class BellmanDistillLoss(SequenceLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(student, p=p, reduction=reduction)
-        if expert_action not in ("sampled", "nucleus"):
-            raise ValueError(
-                f"expert_action must be 'sampled' or 'nucleus', got expert_action={expert_action!r}"
-            )
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma must be in [0, 1), got gamma={gamma}")
+        check_choice("expert_action", expert_action, ("sampled", "nucleus"))
+        self.gamma = check_gamma(gamma)
         if alpha_chi is not None and not alpha_chi > 0.0:
             raise ValueError(f"alpha_chi must be > 0 or None, got alpha_chi={alpha_chi}")
         if lm_coef < 0.0 or not 0.0 <= lm_ce_weight <= 1.0:
@@ -98,7 +94,6 @@ class BellmanDistillLoss(SequenceLoss):
                 f"lm_coef must be >= 0 and lm_ce_weight in [0, 1], got lm_coef={lm_coef}, "
                 f"lm_ce_weight={lm_ce_weight}"
             )
-        self.gamma = float(gamma)
         self.alpha_chi = alpha_chi
         self.q_min = q_min
         self.expert_action = expert_action

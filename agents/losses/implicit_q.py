@@ -13,9 +13,7 @@ from torch import nn
 from agents.losses._base import SequenceLoss, at_least_fp32
 from agents.losses._critics import CriticsMixin, StateValueLM, make_critics
 from agents.losses.soft_q import RewardMixin
-from tdkd.bellman import next_state_value
 from tdkd.td import advantage_weights, distance_loss, expectile_loss
-from tdkd.topp import proj_p_log_probs
 
 __all__ = ["TopPImplicitQLoss"]
 
@@ -72,20 +70,15 @@ class TopPImplicitQLoss(RewardMixin, CriticsMixin, SequenceLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(student, p=p, reduction=reduction)
-        self.reward_keys(reward)
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma must be in [0, 1), got gamma={gamma}")
+        self._init_td(gamma=gamma, reward=reward, loss_function=loss_function)
         if not 0.0 < expectile < 1.0:
             raise ValueError(f"expectile must be in (0, 1), got expectile={expectile}")
-        distance_loss(torch.zeros(1), torch.zeros(1), loss_function)
-        self.gamma, self.reward, self.loss_function = float(gamma), reward, loss_function
         self.expectile, self.temperature = float(expectile), float(temperature)
         self._register_critics(make_critics(critic if critic is not None else student, num_critics))
         value_network = (
             value_network if value_network is not None else StateValueLM.from_student(student)
         )
         self.convert_to_functional(value_network, "value", create_target_params=False)
-        self._used_keys = (*SequenceLoss._used_keys, *self.reward_keys(reward))
 
     def _values(self, td: TensorDictBase) -> torch.Tensor:
         with self.value_params.to_module(self.value):
@@ -116,10 +109,7 @@ class TopPImplicitQLoss(RewardMixin, CriticsMixin, SequenceLoss):
                 .min(0)
                 .values
             )
-            v_next = next_state_value(
-                torch.where(batch.mask, v_t.detach(), torch.zeros_like(v_t)), batch.mask
-            )
-            y_t = self._rewards(tensordict, batch) + self.gamma * v_next
+            y_t = self._bootstrap_target(tensordict, batch, v_t.detach())
             awr = advantage_weights(target_q_a, v_t.detach(), self.temperature)
 
         loss_value_t = expectile_loss(target_q_a - v_t, self.expectile)
@@ -130,8 +120,7 @@ class TopPImplicitQLoss(RewardMixin, CriticsMixin, SequenceLoss):
             for i in range(self.num_critics)
         ]
         loss_q_t = sum(distance_loss(q, y_t, self.loss_function) for q in q_a)
-        safe = support | ~support.any(-1, keepdim=True)
-        log_pi = proj_p_log_probs(batch.logits_on_support, safe)
+        log_pi = batch.student_log_probs()
         log_pi_a = (log_pi.masked_fill(~support, 0.0) * (batch.support_ids == actions)).sum(-1)
         loss_actor_t = -awr * log_pi_a
         out = {

@@ -12,9 +12,8 @@ from torch import nn
 from agents.losses._base import SequenceLoss, StepBatch, at_least_fp32
 from agents.losses._critics import CriticsMixin, make_critics
 from agents.losses.soft_q import RewardMixin
-from tdkd.bellman import next_state_value
 from tdkd.td import distance_loss, sac_actor_loss, sac_alpha_loss, sac_state_value
-from tdkd.topp import gather_support, proj_p_log_probs
+from tdkd.topp import gather_support
 
 __all__ = ["TopPDiscreteSACLoss"]
 
@@ -70,15 +69,11 @@ class TopPDiscreteSACLoss(RewardMixin, CriticsMixin, SequenceLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(student, p=p, reduction=reduction)
-        self.reward_keys(reward)
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma must be in [0, 1), got gamma={gamma}")
+        self._init_td(gamma=gamma, reward=reward, loss_function=loss_function)
         if not alpha_init > 0.0:
             raise ValueError(f"alpha_init must be > 0, got alpha_init={alpha_init}")
         if target_entropy != "auto" and not isinstance(target_entropy, (int, float)):
             raise ValueError(f"target_entropy must be 'auto' or a number, got {target_entropy!r}")
-        distance_loss(torch.zeros(1), torch.zeros(1), loss_function)
-        self.gamma, self.reward, self.loss_function = float(gamma), reward, loss_function
         self.target_entropy = target_entropy
         self.target_entropy_weight = float(target_entropy_weight)
         self._register_critics(make_critics(critic if critic is not None else student, num_critics))
@@ -87,7 +82,6 @@ class TopPDiscreteSACLoss(RewardMixin, CriticsMixin, SequenceLoss):
             self.register_buffer("log_alpha", log_alpha)
         else:
             self.log_alpha = nn.Parameter(log_alpha)
-        self._used_keys = (*SequenceLoss._used_keys, *self.reward_keys(reward))
 
     def _target_entropy(self, batch: StepBatch) -> torch.Tensor | float:
         if self.target_entropy == "auto":
@@ -100,8 +94,7 @@ class TopPDiscreteSACLoss(RewardMixin, CriticsMixin, SequenceLoss):
         logits = self._logits(tensordict)
         batch = self._step_batch(tensordict, logits)
         support = batch.support_mask
-        safe = support | ~support.any(-1, keepdim=True)
-        log_pi = proj_p_log_probs(batch.logits_on_support, safe)
+        log_pi = batch.student_log_probs()
         alpha = self.log_alpha.detach().exp()
         ids, actions = batch.support_ids, batch.steps.actions.unsqueeze(-1)
 
@@ -125,10 +118,7 @@ class TopPDiscreteSACLoss(RewardMixin, CriticsMixin, SequenceLoss):
                 .values
             )
             v_t = sac_state_value(log_pi.detach(), target_q, support, alpha)
-            v_tp1 = next_state_value(
-                torch.where(batch.mask, v_t, torch.zeros_like(v_t)), batch.mask
-            )
-            y_t = self._rewards(tensordict, batch) + self.gamma * v_tp1
+            y_t = self._bootstrap_target(tensordict, batch, v_t)
 
         weight_q = self.trained_steps(tensordict, batch)
         q_a = [at_least_fp32(c.gather(-1, actions).squeeze(-1)) for c in critic_logits]

@@ -7,7 +7,15 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import dispatch
 from torch import nn
 
-from agents.losses._base import SequenceLoss, StepBatch, at_least_fp32, last_step
+from agents.losses._base import (
+    SequenceLoss,
+    StepBatch,
+    at_least_fp32,
+    check_choice,
+    check_gamma,
+    last_step,
+)
+from tdkd.bellman import next_state_value
 from tdkd.sequence import shift_per_token
 from tdkd.td import distance_loss, soft_q_target
 from tdkd.topp import gather_support
@@ -51,6 +59,21 @@ class RewardMixin:
     """Rewards and trained steps shared by the TD losses that learn from a reward."""
 
     reward: str
+    gamma: float
+
+    def _init_td(self, *, gamma: float, reward: str, loss_function: str) -> None:
+        """Check and store gamma, the reward mode and the TD distance; declare the batch keys."""
+        self.gamma = check_gamma(gamma)
+        distance_loss(torch.zeros(1), torch.zeros(1), loss_function)  # validates the name
+        self.reward, self.loss_function = reward, loss_function
+        self._used_keys = (*SequenceLoss._used_keys, *self.reward_keys(reward))
+
+    def _bootstrap_target(
+        self, td: TensorDictBase, batch: StepBatch, v_t: torch.Tensor
+    ) -> torch.Tensor:
+        """y_t = r_t + gamma v(s_{t+1}) [B, T] from state values v_t [B, T] on the step grid."""
+        v_tp1 = next_state_value(torch.where(batch.mask, v_t, torch.zeros_like(v_t)), batch.mask)
+        return self._rewards(td, batch) + self.gamma * v_tp1
 
     @staticmethod
     def reward_keys(reward: str) -> tuple[str, ...]:
@@ -130,16 +153,11 @@ class TopPSoftQLoss(RewardMixin, SequenceLoss):
     ) -> None:
         self.reward_keys(reward)
         super().__init__(student, p=p, reduction=reduction, target_network=True)
-        if backup not in ("soft", "hard"):
-            raise ValueError(f"backup must be 'soft' or 'hard', got backup={backup!r}")
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma must be in [0, 1), got gamma={gamma}")
+        self.backup = check_choice("backup", backup, ("soft", "hard"))
+        self._init_td(gamma=gamma, reward=reward, loss_function=loss_function)
         if not alpha > 0.0:
             raise ValueError(f"alpha must be > 0, got alpha={alpha}")
-        distance_loss(torch.zeros(1), torch.zeros(1), loss_function)  # validates the name
-        self.gamma, self.alpha = float(gamma), float(alpha)
-        self.reward, self.backup, self.loss_function = reward, backup, loss_function
-        self._used_keys = (*SequenceLoss._used_keys, *self.reward_keys(reward))
+        self.alpha = float(alpha)
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
