@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tdkd theory
+	$(BIN)/tdkd demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

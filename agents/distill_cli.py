@@ -47,8 +47,30 @@ _OVERRIDES: dict[str, tuple[str, type]] = {
     "seed": ("train.seed", int),
 }
 
-# fields whose change makes an existing --out folder a different run
-_RUN_IDENTITY = ("algo", "cache", "teacher", "student", "p", "max_support", "batch_size")
+# fields whose change makes an existing --out folder a different run (what changes the
+# optimisation trajectory; --steps may grow to train longer, and logging/checkpoint cadence may
+# change on resume)
+_RUN_IDENTITY = (
+    "algo",
+    "cache",
+    "teacher",
+    "student",
+    "p",
+    "max_support",
+    "batch_size",
+    "loss_kwargs",
+)
+_TRAIN_IDENTITY = (
+    "lr",
+    "betas",
+    "weight_decay",
+    "eps",
+    "warmup_steps",
+    "min_lr_ratio",
+    "grad_accum",
+    "max_grad_norm",
+    "seed",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,11 +172,14 @@ def _check_same_run(out: Path, config: Any) -> None:
     if not previous_path.is_file() or not (out / "ckpt").is_dir():
         return
     previous = load_config(DistillConfig, previous_path)
-    changed = [k for k in _RUN_IDENTITY if getattr(previous, k) != getattr(config, k)]
+    pairs = [(k, getattr(previous, k), getattr(config, k)) for k in _RUN_IDENTITY]
+    pairs += [
+        (f"train.{k}", getattr(previous.train, k), getattr(config.train, k))
+        for k in _TRAIN_IDENTITY
+    ]
+    changed = [(k, old, new) for k, old, new in pairs if old != new]
     if changed:
-        diff = ", ".join(
-            f"{k}: {getattr(previous, k)!r} -> {getattr(config, k)!r}" for k in changed
-        )
+        diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
         raise ValueError(
             f"--out {str(out)!r} holds checkpoints of a different run ({diff}); "
             "choose a new --out folder"

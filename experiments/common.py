@@ -322,7 +322,7 @@ def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, A
             "algo": method.algo,
             "group": method.group,
             "p": method.p if method.p is not None else setup.p,
-            "loss_kwargs": dict(method.loss_kwargs),
+            "loss_kwargs": {**setup.loss_kwargs.get(method.algo, {}), **method.loss_kwargs},
             "data": method.data,
             "prompts": teacher["prompts"],
         }

@@ -129,7 +129,9 @@ def test_bad_config_is_refused_with_the_flag_named():
     assert config.algos == ("bd", "sft") and config.steps == 7
     argv = ["--loss-kwarg", "bd:lm_coef=0.5", "--loss-kwarg", "bd:alpha_chi=null"]
     config = config_from_args(parser.parse_args(argv))
-    assert config.loss_kwargs == {"bd": {"lm_coef": 0.5, "alpha_chi": None}}
+    assert config.loss_kwargs == {"bd": {"q_min": None, "lm_coef": 0.5, "alpha_chi": None}}
+    config = config_from_args(parser.parse_args(["--loss-kwarg", "bd:q_min=-10"]))
+    assert config.loss_kwargs == {"bd": {"q_min": -10}}
     with pytest.raises(ValueError, match="ALGO:KEY=VALUE"):
         config_from_args(parser.parse_args(["--loss-kwarg", "lm_coef=0.5"]))
     with pytest.raises(ValueError, match="not in --algos"):

@@ -106,6 +106,11 @@ def test_another_run_in_the_same_out_folder_is_refused(setup, registry, tmp_path
     assert distill(setup, out, "--algo", registry, "--steps", "1", "--eval-every", "0") == 0
     with pytest.raises(ValueError, match="different run.*batch_size"):
         distill(setup, out, "--algo", registry, "--steps", "2", "--batch-size", "2")
+    # Anything that changes the optimisation trajectory is a different run too.
+    with pytest.raises(ValueError, match=r"different run \(train.lr: "):
+        distill(setup, out, "--algo", registry, "--steps", "1", "--lr", "0.5")
+    with pytest.raises(ValueError, match=r"different run \(train.seed: 0 -> 3\)"):
+        distill(setup, out, "--algo", registry, "--steps", "1", "--seed", "3")
 
 
 def test_unknown_algorithm_lists_the_valid_names(setup, registry, tmp_path):

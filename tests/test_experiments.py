@@ -228,7 +228,8 @@ def test_benchmark_report_and_resume_on_tiny_models(tiny_teacher_dir, tmp_path):
     config = yaml.safe_load(
         (tmp_path / "runs" / "runs" / "bd_p0.5" / "seed0" / "config.yaml").read_text()
     )
-    assert config["p"] == 0.5 and config["loss_kwargs"] == {"alpha_chi": None}
+    assert config["p"] == 0.5  # method kwargs merged over the setup default for bd
+    assert config["loss_kwargs"] == {"q_min": None, "alpha_chi": None}
     sft = yaml.safe_load((tmp_path / "runs" / "runs" / "sft" / "seed0" / "config.yaml").read_text())
     assert sft["cache"].endswith("gold_cache") and TeacherCache(sft["cache"]).indices("train").size
     seed1 = yaml.safe_load(
