@@ -75,7 +75,11 @@ def q_max_shift_clip(
 
     The shift is the same for every action of a state, so it leaves pi_Q and the nucleus
     unchanged; the clip bounds Q below (no gradient below q_min). ``q_min=None`` only shifts.
-    The shift is not stop-gradiented (it is part of Q).
+    The shift is stop-gradiented: it is a per-state normalisation, not a value to learn. With
+    gradient through the max, the chi^2 term rewards moving the shift itself, so a student
+    whose argmax lies outside the nucleus was trained to raise that token (measured on a
+    layer-dropped SmolLM2 student: max logit 38-44 while the nucleus sat at the clip), and
+    tokens outside A_p(s) would receive gradient, which the top-p MDP forbids.
 
     Args:
         q: [..., A] logits (the full vocabulary, or gathered on a support).
@@ -88,7 +92,7 @@ def q_max_shift_clip(
     """
     if q_max is None:
         q_max = q.max(dim=-1).values
-    shifted = q - q_max.unsqueeze(-1)
+    shifted = q - q_max.detach().unsqueeze(-1)
     if q_min is None:
         return shifted
     q_min = float(q_min)

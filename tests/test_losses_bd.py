@@ -106,10 +106,12 @@ def test_without_chi2_equals_top_p_log_likelihood(p):
     assert torch.isfinite(out)
 
 
-def test_no_gradient_outside_the_nucleus():
+@pytest.mark.parametrize("q_min", [None, -10.0, -0.5])
+def test_no_gradient_outside_the_nucleus(q_min):
+    """Also with the paper's max-shift + clip: the shift is a stop-gradient normalisation."""
     td = make_offline_batch(seed=4, p_store=0.6)
     student = tiny_student()
-    loss = BellmanDistillLoss(student, q_min=None)
+    loss = BellmanDistillLoss(student, q_min=q_min)
     logits_grad, dense = logits_gradient_on_nucleus(loss, student, td, "loss_bd")
     grad = logits_grad[:, :-1]
     assert (grad[~dense] == 0).all()

@@ -63,6 +63,10 @@ def test_q_max_shift_clip():
     torch.testing.assert_close(q_max_shift_clip(sub, -3.0, q_max=x.max(-1).values), out[:, :3])
     with pytest.raises(ValueError, match="q_min"):
         q_max_shift_clip(x, 1.0)
+    # The shift is a stop-gradient: d out / d x is 1 on unclipped entries, 0 elsewhere.
+    x.requires_grad_(True)
+    q_max_shift_clip(x, -3.0).sum().backward()
+    torch.testing.assert_close(x.grad, (x - x.max(-1, keepdim=True).values >= -3.0).float())
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
