@@ -248,7 +248,7 @@ def build_report(results_dir: Path, md_path: Path) -> str:
     if load["demo_bd_clip10"] is not None:
         text += demo_section(
             load["demo_bd_clip10"], plots, md_dir, stem="demo_bd_clip10",
-            title="The demo with the paper's Q max-shift + clip at -10 for BD (first run)",
+            title="The demo with the paper's Q max-shift + clip at -10 for BD",
         )  # fmt: skip
     main, main_not_better = table_section(
         "Main table: BD vs the baselines", load["main"],

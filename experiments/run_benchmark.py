@@ -21,8 +21,8 @@ teacher and a 4-layer layer-dropped student (not GPT-2/OPT/Qwen pairs with an SF
 student); chatterbot + synthetic prompts instead of Dolly, 2 teacher samples per prompt (not 8),
 responses <= 32 tokens (not 512); 40 steps of 8 responses at lr 1e-4 (not 3 epochs of batch 64
 at 5e-6); BD without the pre-training LM loss (lm_coef = 0: there is no pre-training corpus
-offline) and without the Q max-shift + clip at -10 (``q_min: null``; the clip kills BD's
-gradient on a layer-dropped student, see tdkd/demo.py; the ablations keep one clipped row); the
+offline) and without the Q max-shift + clip at -10 (``q_min: null``; the clipped form did worse
+on a layer-dropped student in the demo, see tdkd/demo.py; the ablations keep one clipped row); the
 checkpoint is chosen by the student's NLL of held-out teacher tokens (not
 validation Rouge-L); 3 sampling seeds (not 5); p = 1.0 replaced by p = 0.95 (the cache stores
 nuclei up to p_store = 0.95, not the full 49,152-token distribution).
