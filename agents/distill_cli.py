@@ -70,6 +70,8 @@ _TRAIN_IDENTITY = (
     "grad_accum",
     "max_grad_norm",
     "seed",
+    "best_metric",
+    "best_mode",
 )
 
 

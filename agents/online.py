@@ -114,6 +114,7 @@ class OnlineTrainer(OfflineTrainer):
         evaluator: Evaluator | None = None,
         tokenizer: Any = None,
         device: torch.device | str | None = None,
+        dist_info: Any = None,
     ) -> None:
         super().__init__(
             loss_module,
@@ -122,6 +123,7 @@ class OnlineTrainer(OfflineTrainer):
             config=config,
             out_dir=out_dir,
             evaluator=evaluator,
+            dist_info=dist_info,
             tokenizer=tokenizer,
             target_tau=online.target_update_tau,
             device=device,

@@ -654,6 +654,12 @@ class OfflineTrainer:
         ``on_step(step, metrics)`` is called after every optimizer step (progress bars, tests).
         """
         config = self.config
+        if not resume and self.checkpoints.steps():
+            raise ValueError(
+                f"{self.out_dir} already holds checkpoints {self.checkpoints.steps()}: train with "
+                "resume=True to continue that run, or choose a new out_dir (two runs in one "
+                "folder would prune and export each other's checkpoints)"
+            )
         resumed = resume and self.resume()
         if not resumed:
             torch.manual_seed(config.seed)

@@ -416,6 +416,14 @@ class TopPTokenEnv(EnvBase):
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         if self._state is None:
             raise ValueError("the env was stepped before reset(); call env.reset() first")
+        if "_step" in tensordict.keys():
+            # TorchRL's rollout(break_when_all_done=True) steps only the rows named by "_step"
+            # and never resets finished ones; this env advances every row in lock step.
+            raise ValueError(
+                "TopPTokenEnv steps all rows together; use env.rollout(..., "
+                "break_when_any_done=False) (finished rows are reset) or a TorchRL Collector "
+                "instead of break_when_all_done=True"
+            )
         action = self._check_action(tensordict.get("action"))
         if bool(self._done.any()):
             row = int(self._done.nonzero()[0])
@@ -429,6 +437,14 @@ class TopPTokenEnv(EnvBase):
         else:
             token = state.get("support_ids").gather(-1, action[:, None]).squeeze(-1)
             inside = state.get("support_mask").gather(-1, action[:, None]).squeeze(-1)
+            if not bool(inside.all()):
+                # Past a row's support there is padding, not a token: never accepted.
+                row = int((~inside).nonzero()[0])
+                raise ValueError(
+                    f"row {row}: support index {int(action[row])} points at padding (the row's "
+                    f"support has {int(state.get('support_mask')[row].sum())} entries); sample "
+                    "support indices under 'support_mask'"
+                )
         step = state.get("step")
         if self.out_of_support == "error" and not bool(inside.all()):
             row = int((~inside).nonzero()[0])

@@ -215,10 +215,21 @@ def _check_chunk(chunk_size: int) -> int:
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = x.reshape(-1, x.shape[-1])
+    """(x with at least one leading dim, the flat row indices to visit; None = all rows).
+
+    x is not flattened: a reshape of a non-contiguous view such as ``logits[:, :-1]`` would
+    copy the whole [B, T, V] tensor; ``_take_rows`` reads each chunk's rows in place instead.
+    """
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
     if rows is None:
-        rows = torch.arange(flat.shape[0], device=x.device)
-    return flat, rows
+        rows = torch.arange(math.prod(x.shape[:-1]), device=x.device)
+    return x, rows
+
+
+def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` (flat indices over x's leading dims) of x [..., V], as [len(idx), V]."""
+    return x[torch.unravel_index(idx, x.shape[:-1])]
 
 
 def _mask_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -228,21 +239,21 @@ def _mask_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def _chunked_rows(
     block: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    s_flat: torch.Tensor,
+    student_rows: torch.Tensor,
     rows: torch.Tensor,
     shape: torch.Size,
     chunk_size: int,
 ) -> torch.Tensor:
-    """``block(idx, s_flat)`` over ``rows`` in chunks (checkpointed when s_flat needs a
+    """``block(idx, student_rows)`` over ``rows`` in chunks (checkpointed when student_rows needs a
     gradient), scattered into a float32 tensor of ``shape`` (0 on rows not visited)."""
     values = []
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
-        if s_flat.requires_grad:
-            values.append(checkpoint(block, idx, s_flat, use_reentrant=False))
+        if student_rows.requires_grad:
+            values.append(checkpoint(block, idx, student_rows, use_reentrant=False))
         else:
-            values.append(block(idx, s_flat))
-    out = torch.zeros(math.prod(shape), dtype=torch.float32, device=s_flat.device)
+            values.append(block(idx, student_rows))
+    out = torch.zeros(math.prod(shape), dtype=torch.float32, device=student_rows.device)
     if values:
         out = out.index_put((rows,), torch.cat(values))
     return out.reshape(shape)
@@ -278,15 +289,15 @@ def full_vocab_divergence(
         )
     lead = student_logits.shape[:-1]
     rows = _mask_rows(mask)
-    t_flat, rows = _rows(teacher_logits.detach(), rows)
-    s_flat, _ = _rows(student_logits, rows)
+    teacher_rows, rows = _rows(teacher_logits.detach(), rows)
+    student_rows, _ = _rows(student_logits, rows)
 
-    def block(idx: torch.Tensor, s_all: torch.Tensor) -> torch.Tensor:
-        t = torch.log_softmax(t_flat.index_select(0, idx).float(), dim=-1)
-        s = torch.log_softmax(s_all.index_select(0, idx).float(), dim=-1)
+    def block(idx: torch.Tensor, student_all: torch.Tensor) -> torch.Tensor:
+        t = torch.log_softmax(_take_rows(teacher_rows, idx).float(), dim=-1)
+        s = torch.log_softmax(_take_rows(student_all, idx).float(), dim=-1)
         return fn(t, s, **hyperparameters)
 
-    return _chunked_rows(block, s_flat, rows, lead, chunk_size)
+    return _chunked_rows(block, student_rows, rows, lead, chunk_size)
 
 
 def full_vocab_cross_entropy(
@@ -314,12 +325,12 @@ def full_vocab_cross_entropy(
         )
     lead = targets.shape
     rows = _mask_rows(mask)
-    s_flat, rows = _rows(student_logits, rows)
-    t_flat = targets.reshape(-1).long()
+    student_rows, rows = _rows(student_logits, rows)
+    flat_targets = targets.reshape(-1).long()
 
-    def block(idx: torch.Tensor, s_all: torch.Tensor) -> torch.Tensor:
-        logits = s_all.index_select(0, idx).float()
-        picked = logits.gather(-1, t_flat.index_select(0, idx).unsqueeze(-1)).squeeze(-1)
+    def block(idx: torch.Tensor, student_all: torch.Tensor) -> torch.Tensor:
+        logits = _take_rows(student_all, idx).float()
+        picked = logits.gather(-1, flat_targets.index_select(0, idx).unsqueeze(-1)).squeeze(-1)
         return torch.logsumexp(logits, dim=-1) - picked
 
-    return _chunked_rows(block, s_flat, rows, lead, chunk_size)
+    return _chunked_rows(block, student_rows, rows, lead, chunk_size)

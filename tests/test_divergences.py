@@ -150,3 +150,27 @@ def test_bad_input():
         full_vocab_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="beta"):
         get_divergence("jsd")(torch.zeros(1, 2), torch.zeros(1, 2), beta=2.0)
+
+
+def test_full_vocab_forms_read_rows_of_a_shifted_view_in_place():
+    """logits[:, :-1] is a non-contiguous view: the chunked forms must not copy all of it."""
+    from tdkd.divergences import _rows
+
+    logits = torch.randn(3, 6, 11, requires_grad=True)
+    view = logits[:, :-1]
+    rows_tensor, rows = _rows(view, None)
+    assert rows_tensor.data_ptr() == logits.data_ptr()
+    assert rows.tolist() == list(range(15))
+    teacher = torch.randn(3, 5, 11)
+    mask = torch.rand(3, 5) > 0.3
+    got = full_vocab_divergence(teacher, view, "forward_kl", mask=mask, chunk_size=4)
+    t = torch.log_softmax(teacher, -1)
+    s = torch.log_softmax(view, -1)
+    expected = torch.where(mask, (t.exp() * (t - s)).sum(-1), 0.0)
+    torch.testing.assert_close(got, expected)
+    targets = torch.randint(0, 11, (3, 5))
+    ce = full_vocab_cross_entropy(view, targets, mask=mask, chunk_size=4)
+    expected_ce = torch.where(mask, -s.gather(-1, targets.unsqueeze(-1)).squeeze(-1), 0.0)
+    torch.testing.assert_close(ce, expected_ce)
+    (got.sum() + ce.sum()).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()

@@ -304,9 +304,23 @@ def test_support_action_space(teacher):
     nxt = env.step(td.set("action", index))["next"]
     rows = torch.arange(3)
     assert torch.equal(nxt["tokens"][rows, td["length"]], td["support_ids"][:, 0])
-    with pytest.raises(ValueError, match="outside the teacher's top-p nucleus"):
-        padded = (~nxt["support_mask"]).float().argmax(-1)
+    padded = (~nxt["support_mask"]).float().argmax(-1)
+    with pytest.raises(ValueError, match="points at padding"):
         env.step(nxt.set("action", padded))
+    # Padding is not a token even when out-of-support tokens are allowed.
+    allow = make_env(teacher, action_space="support", out_of_support="allow")
+    td = allow.reset()
+    with pytest.raises(ValueError, match="points at padding"):
+        allow.step(td.set("action", (~td["support_mask"]).float().argmax(-1)))
+
+
+def test_rollout_break_when_all_done_is_a_clear_error(teacher):
+    env = make_env(teacher)
+    td = env.reset()
+    td.set("_step", torch.ones(3, dtype=torch.bool))
+    td.set("action", td["support_ids"][:, 0])
+    with pytest.raises(ValueError, match="break_when_any_done=False"):
+        env.step(td)
 
 
 # ----------------------------------------------------------------------------- prompts and bad input

@@ -298,6 +298,16 @@ def test_training_lowers_loss_logs_namespaced_metrics_and_exports(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(tmp_path):
+    batches = make_batches(2)
+    trainer, _ = make_trainer(tmp_path, batches, max_steps=2, export="last")
+    trainer.train()
+    again, _ = make_trainer(tmp_path, batches, max_steps=2, export="last")
+    with pytest.raises(ValueError, match=r"already holds checkpoints \[2\].*resume=True"):
+        again.train(resume=False)
+    assert again.train(resume=True).step == 2  # resuming the same run is fine
+
+
 def test_lr_follows_the_schedule(tmp_path):
     lrs = []
     trainer, _ = make_trainer(

@@ -40,10 +40,10 @@ class BellmanDistillLoss(SequenceLoss):
     L_PT = lm_ce_weight * CE(tokens) + (1 - lm_ce_weight) * KL(proj_p pi_T || pi_theta), on the
     same batch (teacher samples), the student's probabilities over the full vocabulary.
 
-    Stop-gradient: nothing (Q(s,.) and V_p(s') come from the same forward and both carry
-    gradients, as in IQ-Learn without a target network). Divergence direction of L_PT: forward
-    KL(teacher || student). Gradients reach only logits of nucleus tokens (plus the argmax
-    logit through the max-shift) for L_BD.
+    Stop-gradient: only the Q max-shift, a per-state normalisation; Q(s,.) and V_p(s') come from
+    the same forward and both carry gradients, as in IQ-Learn without a target network. Divergence direction of L_PT: forward
+    KL(teacher || student). Gradients reach only logits of nucleus tokens for L_BD (the
+    max-shift is a stop-gradient normalisation, ``tdkd.td.q_max_shift_clip``).
 
     Args:
         student: HF causal LM (its logits are Q).
