@@ -135,11 +135,13 @@ def _to_numpy(td: TensorDict) -> tuple[dict, dict]:
     for key in _OBS_KEYS:
         value = td.get(key)
         obs[key] = (
-            value.to(torch.int8).numpy() if value.dtype == torch.bool else value.numpy().copy()
+            value.cpu().to(torch.int8).numpy()
+            if value.dtype == torch.bool
+            else value.cpu().numpy().copy()
         )
-    info = {"action_mask": td.get("action_mask").to(torch.int8).numpy()}
+    info = {"action_mask": td.get("action_mask").cpu().to(torch.int8).numpy()}
     for key in _INFO_KEYS:
-        info[key] = td.get(key).numpy().copy()
+        info[key] = td.get(key).cpu().numpy().copy()
     return obs, info
 
 
@@ -185,7 +187,11 @@ class TopPTokenGymEnv(gymnasium.Env):
             raise ValueError(
                 f"action must be one int token id, got {value.dtype} of shape {value.shape}"
             )
-        td = self.env.step(TensorDict({"action": torch.tensor([int(action)])}, batch_size=[1]))
+        td = self.env.step(
+            TensorDict(
+                {"action": torch.tensor([int(action)], device=self.env.device)}, batch_size=[1]
+            )
+        )
         nxt = td.get("next")[0]
         obs, info = _to_numpy(nxt)
         self._flag(nxt.get("out_of_support"), ENV_ID)
@@ -236,7 +242,9 @@ class TopPTokenVectorEnv(VectorEnv):
         if reset_mask is None or self._last is None:
             td = self.env.reset()
         else:
-            mask = torch.as_tensor(np.asarray(reset_mask), dtype=torch.bool).reshape(self.num_envs)
+            mask = torch.as_tensor(
+                np.asarray(reset_mask), dtype=torch.bool, device=self.env.device
+            ).reshape(self.num_envs)
             # rows not reset keep their values from the request (TorchRL merges with where)
             request = self._last.exclude("reward").clone()
             request.set("_reset", mask.unsqueeze(-1))
@@ -245,7 +253,7 @@ class TopPTokenVectorEnv(VectorEnv):
         return _to_numpy(td)
 
     def step(self, actions):
-        actions = torch.as_tensor(np.asarray(actions))
+        actions = torch.as_tensor(np.asarray(actions), device=self.env.device)
         if actions.shape != (self.num_envs,) or actions.is_floating_point():
             raise ValueError(
                 f"actions must be {self.num_envs} int token ids, got {actions.dtype} {tuple(actions.shape)}"
@@ -257,9 +265,9 @@ class TopPTokenVectorEnv(VectorEnv):
         self._flag(nxt.get("out_of_support"), ENV_ID)
         return (
             obs,
-            nxt.get("reward").reshape(-1).numpy().astype(np.float64),
-            nxt.get("terminated").reshape(-1).numpy(),
-            nxt.get("truncated").reshape(-1).numpy(),
+            nxt.get("reward").reshape(-1).cpu().numpy().astype(np.float64),
+            nxt.get("terminated").reshape(-1).cpu().numpy(),
+            nxt.get("truncated").reshape(-1).cpu().numpy(),
             info,
         )
 

@@ -338,6 +338,9 @@ class TopPTokenEnv(EnvBase):
             rows = torch.arange(batch, device=self.device)
         else:
             rows = reset.reshape(batch).nonzero().squeeze(-1)
+        if rows.numel() == 0:  # nothing to reset: the current state, unchanged
+            false = torch.zeros(batch, dtype=torch.bool, device=self.device)
+            return self._output(self._done.clone(), false, false)
         prompts = self._draw_prompts(int(rows.numel()))
         full = rows.numel() == batch
         if full:

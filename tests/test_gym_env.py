@@ -98,6 +98,10 @@ def test_vector_env_equals_single_envs(teacher):
     for key in ("tokens", "length", "support_ids"):
         np.testing.assert_array_equal(obs3[key][[0, 2]], obs2[key][[0, 2]])
     assert obs3["step"].tolist() == [1, 0, 1]
+    # an all-False mask resets nothing and returns the current observation
+    obs4, _ = vec.reset(options={"reset_mask": np.zeros(3, dtype=bool)})
+    for key in ("tokens", "length", "support_ids", "step"):
+        np.testing.assert_array_equal(obs4[key], obs3[key])
 
 
 def test_torchrl_gym_wrapper_round_trip(teacher):
