@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from tdkd.demo import (  # noqa: E402
     plot_learning_curves,
     read_json,
 )
+from tdkd.io import write_atomic  # noqa: E402
 
 TABLE = ("rougeL", "rougeL_teacher", "exact_match", "teacher_nll", "coverage", "gen_length")
 
@@ -281,11 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     md_path = Path(args.out)
     text = build_report(Path(args.results_dir), md_path)
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".RESULTS.", suffix=".md", dir=md_path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, md_path)
+    write_atomic(md_path, text)
     print(f"wrote {md_path}")
     return 0
 

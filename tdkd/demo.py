@@ -52,12 +52,13 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tdkd import io as atomic_io
 
 log = logging.getLogger(__name__)
 
@@ -170,17 +171,8 @@ class DemoConfig:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """``json.dump`` to a temp file in the same folder, then ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Results JSON, atomically (``tdkd.io``): keys in insertion order, str() for the rest."""
+    atomic_io.write_json_atomic(path, data, sort_keys=False, default=str)
 
 
 def read_json(path: str | os.PathLike) -> Any | None:
@@ -313,15 +305,8 @@ def format_table(
 
 
 def _save_figure(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=110, bbox_inches="tight")
 
 
 def plot_learning_curves(
@@ -516,11 +501,7 @@ def distill_run(run_config: Mapping[str, Any], *, progress: bool = True) -> bool
     check_resumable(run_config)
     out = Path(run_config["out"])
     spec = out.parent / f"{out.name}.yaml"
-    spec.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", dir=spec.parent)
-    with os.fdopen(fd, "w") as handle:
-        yaml.safe_dump(dict(run_config), handle, sort_keys=False)
-    os.replace(tmp, spec)
+    atomic_io.write_atomic(spec, yaml.safe_dump(dict(run_config), sort_keys=False))
     argv = ["distill", "--config", str(spec)] + ([] if progress else ["--no-progress"])
     code = cli.main(argv)
     if code != 0:
@@ -666,11 +647,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
             f"{win['std']:.3f}"
         )
     text += ["", *[f"- {line}" for line in comparison], ""]
-    (out / "table.md").parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".table.md.", dir=out)
-    with os.fdopen(fd, "w") as handle:
-        handle.write("\n".join(text))
-    os.replace(tmp, out / "table.md")
+    atomic_io.write_atomic(out / "table.md", "\n".join(text))
     return results
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "bellman_distill_nucleus_loss",
     "distance_loss",
     "expectile_loss",
+    "fill_empty_rows",
     "masked_mean",
     "q_max_shift_clip",
     "sac_actor_loss",
@@ -50,7 +51,7 @@ def _check_step_shapes(q_t: torch.Tensor, support_t: torch.Tensor, mask_t: torch
         )
 
 
-def _fill_empty_rows(support_t: torch.Tensor) -> torch.Tensor:
+def fill_empty_rows(support_t: torch.Tensor) -> torch.Tensor:
     """Give rows with no valid entry (non-response steps) a dummy first entry."""
     empty = ~support_t.any(-1, keepdim=True)
     first = torch.zeros_like(support_t)
@@ -124,7 +125,7 @@ def support_value(
         raise ValueError(
             f"q_t and support_t must match, got {tuple(q_t.shape)} and {tuple(support_t.shape)}"
         )
-    safe = _fill_empty_rows(support_t)
+    safe = fill_empty_rows(support_t)
     if backup == "soft":
         v = soft_value(q_t, safe, alpha)
     elif backup == "hard":
@@ -217,7 +218,7 @@ def bellman_distill_nucleus_loss(
     if epsilon < 0.0:
         raise ValueError(f"epsilon must be >= 0, got epsilon={epsilon}")
     support_t = support_t.bool()
-    safe = _fill_empty_rows(support_t)
+    safe = fill_empty_rows(support_t)
     n_in = support_t.sum(-1).to(q_t.dtype)
     n_out = float(vocab_size) - n_in
     if bool((n_out < 0).any()):

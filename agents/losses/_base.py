@@ -25,6 +25,7 @@ from torchrl.objectives import LossModule
 
 from tdkd.divergences import forward_kl, reverse_kl
 from tdkd.sequence import Steps, action_in_support, align_steps, restrict_support_mask
+from tdkd.td import fill_empty_rows
 from tdkd.topp import check_p, gather_support, proj_p_log_probs
 
 __all__ = ["SequenceLoss", "StepBatch", "at_least_fp32", "check_choice", "check_gamma", "last_step"]
@@ -200,9 +201,9 @@ class SequenceLoss(LossModule):
             mask = batch.mask
             support = batch.support_mask
             teacher = proj_p_log_probs(
-                batch.support_log_probs.masked_fill(~support, 0.0), _nonempty(support)
+                batch.support_log_probs.masked_fill(~support, 0.0), fill_empty_rows(support)
             )
-            student = proj_p_log_probs(batch.logits_on_support.detach(), _nonempty(support))
+            student = proj_p_log_probs(batch.logits_on_support.detach(), fill_empty_rows(support))
             covered = batch.support_log_probs.masked_fill(~support, float("-inf")).exp().sum(-1)
             values = {
                 "support_size": support.sum(-1).float(),
@@ -242,14 +243,6 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """x in float32 when it is in a narrower float type (bf16/fp16 students): the TD maths
     (log-sum-exp, squared TD errors) runs in fp32 on the small [B, T, K] tensors only."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _nonempty(support: torch.Tensor) -> torch.Tensor:
-    """support with a dummy first entry in empty rows (their values are never used)."""
-    empty = ~support.any(-1, keepdim=True)
-    first = torch.zeros_like(support)
-    first[..., :1] = True
-    return support | (empty & first)
 
 
 def last_step(mask_t: torch.Tensor) -> torch.Tensor:
