@@ -1,14 +1,16 @@
-"""What the experiment scripts share: the benchmark config, the gold-answer cache, one run,
-aggregation over training seeds.
+"""What the experiment scripts share: the benchmark config, the initial student, the gold-answer
+and full-distribution caches, one run, aggregation over training seeds.
 
 A benchmark config (``experiments/configs/*.yaml``) is::
 
     name: main                          # results go to experiments/results/<name>.json
     setup: {...}                        # tdkd.demo.DemoConfig fields: data, student, budget, eval
+    init: {prompts: 600, steps: 150}    # optional: InitSpec, the shared initial student
     methods:                            # table rows, in order
       bd:  {algo: bd, seeds: 3}
       sft: {algo: sft, seeds: 3, data: gold}          # trains on the dataset's gold answers
       bd_p0.5: {algo: bd, seeds: 3, p: 0.5, group: p} # any DistillConfig p / loss_kwargs
+      bd_p1.0: {algo: bd, seeds: 3, p: 1.0, data: full}  # whole teacher distribution stored
       bd_no_chi2: {algo: bd, seeds: 3, loss_kwargs: {alpha_chi: null}}
 
 Every method of every config trains from the same prepared data (``setup.out/data``), student
@@ -36,9 +38,11 @@ from typing import Any
 from tdkd.demo import (
     TABLE_METRICS,
     DemoConfig,
+    InitSpec,
     distill_config,
     distill_run,
     evaluate_models,
+    init_student,
     read_json,
     read_metrics_csv,
     write_json_atomic,
@@ -50,12 +54,14 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 CONFIGS = REPO / "experiments" / "configs"
 CURVE_METRICS = ("eval/token_nll", "eval/kl_fwd_p")
+# method.data -> the cache folder under setup.out/data it trains on
+DATA_CACHES = {"teacher": "cache", "gold": "gold_cache", "full": "full_cache"}
 
 __all__ = [
     "BenchConfig",
     "MethodSpec",
     "aggregate_runs",
-    "build_gold_cache",
+    "build_side_cache",
     "load_bench_config",
     "mean_curve",
     "run_method",
@@ -71,15 +77,18 @@ class MethodSpec:
     seeds: int = 1
     p: float | None = None  # None: setup.p
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
-    data: str = "teacher"  # "teacher": the teacher's samples; "gold": the dataset's answers
+    # "teacher": the teacher's samples; "gold": the dataset's answers; "full": the teacher's
+    # samples with the whole teacher distribution stored (p_store = 1.0, for p = 1.0 rows)
+    data: str = "teacher"
     group: str = ""  # a label for plots (e.g. the ablation a row belongs to)
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ValueError(f"method {self.name!r}: seeds must be >= 1, got {self.seeds}")
-        if self.data not in ("teacher", "gold"):
+        if self.data not in DATA_CACHES:
             raise ValueError(
-                f"method {self.name!r}: data must be 'teacher' or 'gold', got {self.data!r}"
+                f"method {self.name!r}: data must be one of {sorted(DATA_CACHES)}, "
+                f"got {self.data!r}"
             )
         if self.p is not None and not 0.0 < self.p <= 1.0:
             raise ValueError(f"method {self.name!r}: p must lie in (0, 1], got {self.p}")
@@ -91,6 +100,11 @@ class BenchConfig:
     setup: DemoConfig
     methods: tuple[MethodSpec, ...]
     results_dir: str = str(RESULTS)
+
+    @property
+    def init(self) -> InitSpec | None:
+        """The shared initial student's spec (``setup.init``; None: ``setup.student`` as is)."""
+        return self.setup.init
 
     @property
     def results_path(self) -> Path:
@@ -113,18 +127,28 @@ def load_bench_config(
     if not path.is_file():
         raise FileNotFoundError(f"benchmark config {path} does not exist (see {CONFIGS})")
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(data) - {"name", "setup", "setup_from", "methods"})
+    unknown = sorted(set(data) - {"name", "setup", "setup_from", "init", "methods"})
     if unknown:
         raise ValueError(
-            f"{path}: unknown top-level keys {unknown}; use name, setup, setup_from, methods"
+            f"{path}: unknown top-level keys {unknown}; use name, setup, setup_from, init, methods"
         )
-    setup = {}
-    if data.get("setup_from"):  # another config's setup (same data, student and budget)
+    setup, init = {}, None
+    if data.get("setup_from"):  # another config's setup and init (same data, student, budget)
         base = path.parent / f"{data['setup_from']}.yaml"
         if not base.is_file():
             raise FileNotFoundError(f"{path}: setup_from {data['setup_from']!r}: no file {base}")
-        setup = dict((yaml.safe_load(base.read_text()) or {}).get("setup") or {})
+        base_data = yaml.safe_load(base.read_text()) or {}
+        setup, init = dict(base_data.get("setup") or {}), base_data.get("init")
     setup.update(data.get("setup") or {})
+    init = data.get("init", init)
+    if init is not None:
+        extra = sorted(set(init) - {f.name for f in dataclasses.fields(InitSpec)})
+        if extra:
+            raise ValueError(
+                f"{path}: init has unknown keys {extra}; valid: "
+                f"{sorted(f.name for f in dataclasses.fields(InitSpec))}"
+            )
+        setup["init"] = InitSpec(**init)
     setup.update({k: v for k, v in overrides.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(DemoConfig)}
     bad = sorted(set(setup) - fields)
@@ -158,21 +182,18 @@ def load_bench_config(
 # ----------------------------------------------------------------------------- data
 
 
-def build_gold_cache(setup: DemoConfig, *, progress: bool = False) -> Path:
-    """A teacher cache over the *gold answers* of the prepared prompts (for SFT rows).
+def _cache_rows(setup: DemoConfig, kind: str, tokenizer) -> list[dict]:
+    """The rows a side cache scores: the prepared responses (``full``) or the gold answers.
 
-    One row per distinct prompt of the prepared responses that has a gold answer: response =
-    the answer's tokens, cut at ``max_new_tokens`` (terminated, with EOS appended, when it fits).
-    The teacher scores it like any response, so the cache has the usual format and fingerprint
-    and ``tdkd distill`` reads it unchanged. Reused when it already exists.
+    ``gold``: one row per distinct prompt of the prepared responses that has a gold answer:
+    response = the answer's tokens, cut at ``max_new_tokens`` (terminated, with EOS appended,
+    when it fits). ``full``: the prepared teacher responses unchanged.
     """
-    from tdkd.cache import TeacherCache, build_cache, data_hash, teacher_fingerprint
     from tdkd.data import load_responses
-    from tdkd.models import load_teacher
 
-    path = setup.data_dir / "gold_cache"
-    teacher, tokenizer = load_teacher(setup.teacher)
     responses = load_responses(setup.data_dir / "responses")
+    if kind == "full":
+        return [dict(r) for r in responses]
     rows, seen = [], set()
     for row in responses.select_columns(["prompt_id", "prompt_ids", "answer", "split"]):
         if row["prompt_id"] in seen or not (row["answer"] or "").strip():
@@ -192,9 +213,31 @@ def build_gold_cache(setup: DemoConfig, *, progress: bool = False) -> Path:
         )
     if not rows:
         raise ValueError(f"no prompt of {setup.data_dir} has a gold answer; SFT needs one")
+    return rows
+
+
+def build_side_cache(setup: DemoConfig, kind: str, *, progress: bool = False) -> Path:
+    """A second teacher cache next to ``tdkd prepare``'s, for the rows that need one.
+
+    ``kind="gold"`` (SFT rows): the teacher scores the datasets' *gold answers*, stored at
+    ``setup.p_store``. ``kind="full"`` (the p = 1.0 ablation): the same teacher responses as
+    the main cache, stored at p_store = 1.0, i.e. the teacher's whole distribution over every
+    token with a finite logit (49,152 entries per state on the embedded teacher, ~300 KB per
+    response token; the main cache stays sparse). Either has the usual format and fingerprint,
+    so ``tdkd distill`` reads it unchanged; an up-to-date one is reused.
+    """
+    from tdkd.cache import TeacherCache, build_cache, data_hash, teacher_fingerprint
+    from tdkd.models import load_teacher
+
+    if kind not in ("gold", "full"):
+        raise ValueError(f"kind must be 'gold' or 'full', got {kind!r}")
+    path = setup.data_dir / DATA_CACHES[kind]
+    p_store = 1.0 if kind == "full" else setup.p_store
+    teacher, tokenizer = load_teacher(setup.teacher)
+    rows = _cache_rows(setup, kind, tokenizer)
     expect = {
         **teacher_fingerprint(teacher, tokenizer),
-        "p_store": setup.p_store,
+        "p_store": p_store,
         "data_hash": data_hash([(r["row_id"], r["prompt_ids"], r["response_ids"]) for r in rows]),
     }
     try:
@@ -202,9 +245,7 @@ def build_gold_cache(setup: DemoConfig, *, progress: bool = False) -> Path:
         return path
     except (FileNotFoundError, ValueError):
         pass
-    build_cache(
-        teacher, tokenizer, rows, path, p_store=setup.p_store, overwrite=True, progress=progress
-    )
+    build_cache(teacher, tokenizer, rows, path, p_store=p_store, overwrite=True, progress=progress)
     return path
 
 
@@ -229,8 +270,7 @@ def run_method(
     if method.p is not None:
         config["p"] = method.p
     config["loss_kwargs"] = {**config["loss_kwargs"], **method.loss_kwargs}
-    if method.data == "gold":
-        config["cache"] = str(setup.data_dir / "gold_cache")
+    config["cache"] = str(setup.data_dir / DATA_CACHES[method.data])
     start = time.perf_counter()
     trained = distill_run(config, progress=progress)
     if trained:
@@ -297,8 +337,10 @@ def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, A
 
     setup = config.setup
     prepare_data(setup, progress=progress)
-    if any(m.data == "gold" for m in config.methods):
-        build_gold_cache(setup, progress=progress)
+    if setup.init is not None:
+        setup = dataclasses.replace(setup, student=init_student(setup, progress=progress))
+    for kind in sorted({m.data for m in config.methods} - {"teacher"}):
+        build_side_cache(setup, kind, progress=progress)
     teacher = evaluate_models(
         setup, setup.teacher, None, Path(setup.out) / "eval" / "teacher.json", progress=progress
     )

@@ -8,7 +8,8 @@
 Reads top to bottom:
 1. the configs (``experiments/configs/*.yaml``; sizes overridable by options below);
 2. ``tdkd prepare`` once (embedded teacher samples + sparse top-p cache), plus a cache over
-   the datasets' gold answers for SFT;
+   the datasets' gold answers for SFT and one of the whole teacher distribution for p = 1.0;
+   the shared initial student (``init:``), trained once;
 3. the teacher's own evaluation (the reference row);
 4. for every method and training seed: ``tdkd distill`` (skipped once finished; resumed from
    its checkpoint when interrupted), then ``tdkd eval`` on the test prompts over sampling seeds
@@ -17,15 +18,16 @@ Reads top to bottom:
 6. ``experiments/report.py``: plots and ``experiments/RESULTS.md``.
 
 Deviations from the paper (PAPER.md section 5), all for 2-CPU scale: SmolLM2-135M-Instruct
-teacher and a 4-layer layer-dropped student (not GPT-2/OPT/Qwen pairs with an SFT-initialised
-student); chatterbot + synthetic prompts instead of Dolly, 2 teacher samples per prompt (not 8),
+teacher and a 4-layer layer-dropped student (not GPT-2/OPT/Qwen pairs), initialised not by SFT
+of a pretrained LM but by one shared KD run on 600 other prompts' teacher samples (``init:``,
+see ``experiments.common.InitSpec``: the layer-dropped copy is not a language model yet);
+chatterbot + synthetic prompts instead of Dolly, 2 teacher samples per prompt (not 8),
 responses <= 32 tokens (not 512); 40 steps of 8 responses at lr 1e-4 (not 3 epochs of batch 64
 at 5e-6); BD without the pre-training LM loss (lm_coef = 0: there is no pre-training corpus
 offline) and without the Q max-shift + clip at -10 (``q_min: null``; the clipped form did worse
 on a layer-dropped student in the demo, see tdkd/demo.py; the ablations keep one clipped row); the
-checkpoint is chosen by the student's NLL of held-out teacher tokens (not
-validation Rouge-L); 3 sampling seeds (not 5); p = 1.0 replaced by p = 0.95 (the cache stores
-nuclei up to p_store = 0.95, not the full 49,152-token distribution).
+checkpoint is chosen by the student's NLL of held-out teacher tokens (not validation Rouge-L);
+3 sampling seeds (not 5). p = 1.0 is the real thing: a cache of the whole teacher distribution.
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--methods", default=None, help="comma list: run only these rows")
     parser.add_argument("--results-dir", default=None, help="default experiments/results")
+    parser.add_argument(
+        "--no-init",
+        action="store_true",
+        help="start every row from --student as it is (no shared initial distillation)",
+    )
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate RESULTS.md")
     parser.add_argument("--progress", action="store_true", help="progress bars per stage")
@@ -99,6 +106,10 @@ def load_configs(args: argparse.Namespace) -> list[BenchConfig]:
                 dataclasses.replace(m, seeds=min(m.seeds, args.train_seeds)) for m in methods
             )
         if methods:
+            if args.no_init:
+                config = dataclasses.replace(
+                    config, setup=dataclasses.replace(config.setup, init=None)
+                )
             configs.append(dataclasses.replace(config, methods=methods))
     if not configs:
         raise ValueError(f"no method left to run (--methods {args.methods!r})")

@@ -12,8 +12,10 @@ import torch
 import yaml
 
 from tdkd import cli
+from tdkd.data import load_responses
 from tdkd.demo import (
     DemoConfig,
+    InitSpec,
     add_arguments,
     compare,
     config_from_args,
@@ -127,6 +129,13 @@ def test_bad_config_is_refused_with_the_flag_named():
     add_arguments(parser)
     config = config_from_args(parser.parse_args(["--algos", "bd, sft", "--steps", "7"]))
     assert config.algos == ("bd", "sft") and config.steps == 7
+    assert config.init == InitSpec()  # the demo distils its initial student by default
+    config = config_from_args(parser.parse_args(["--init-prompts", "50", "--init-steps", "9"]))
+    assert (config.init.prompts, config.init.steps) == (50, 9)
+    assert config_from_args(parser.parse_args(["--no-init"])).init is None
+    assert DemoConfig(init={"steps": 3}).init == InitSpec(steps=3)
+    with pytest.raises(ValueError, match="init.steps must be >= 1"):
+        DemoConfig(init={"steps": 0})
     argv = ["--loss-kwarg", "bd:lm_coef=0.5", "--loss-kwarg", "bd:alpha_chi=null"]
     config = config_from_args(parser.parse_args(argv))
     assert config.loss_kwargs == {"bd": {"q_min": None, "lm_coef": 0.5, "alpha_chi": None}}
@@ -181,17 +190,25 @@ def test_demo_pipeline_on_tiny_models_and_resume(tiny_teacher_dir, tmp_path):
         seeds=2,
         eval_prompts=3,
         loss_kwargs={"bd": {"gamma": 0.9}},
+        init={"prompts": 12, "steps": 2},
     )
     out = tmp_path / "demo"
     results = run_demo(config, progress=False)
 
     # the resolved config and every stage's outputs sit in the output folder
     assert json.loads((out / "config.json").read_text()) == config.to_dict()
+    assert json.loads((out / "init" / "run" / "summary.json").read_text())["steps"] == 2
+    # the initial student never trains on a test prompt: splits are a hash of the prompt
+    split_of = {}
+    for folder in (out / "data", out / "init" / "data"):
+        for row in load_responses(folder / "responses").select_columns(["prompt", "split"]):
+            assert split_of.setdefault(row["prompt"], row["split"]) == row["split"]
     for algo in ("bd", "kd"):
         summary = json.loads((out / "runs" / algo / "summary.json").read_text())
         assert summary["algo"] == algo and summary["steps"] == 2
         saved = yaml.safe_load((out / "runs" / algo / "config.yaml").read_text())
         assert saved["loss_kwargs"] == ({"gamma": 0.9} if algo == "bd" else {})
+        assert saved["student"] == str(out / "init" / "run" / "student")  # the shared init
         assert (out / "runs" / algo / "student" / "config.json").is_file()
         curves = read_metrics_csv(out / "runs" / algo / "metrics.csv")
         assert [s for s, _ in curves["eval/token_nll"]] == [1, 2]
@@ -236,7 +253,8 @@ def test_demo_pipeline_on_tiny_models_and_resume(tiny_teacher_dir, tmp_path):
         "plots/bars.png",
         "plots/learning_curves.png",
     }
-    assert changed <= {"data/config.json", "data/summary.json"} | redrawn, changed
+    prepared = {f"{d}/{f}" for d in ("data", "init/data") for f in ("config.json", "summary.json")}
+    assert changed <= prepared | redrawn, changed
 
     # more steps: both runs resume from their checkpoints and are evaluated again
     longer = DemoConfig(**{**config.to_dict(), "algos": ("bd", "kd"), "steps": 3})

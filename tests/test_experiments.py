@@ -112,7 +112,9 @@ def test_shipped_configs_load_and_share_one_setup():
     assert all(m.seeds >= 3 for m in main.methods[:5]) and {"sqn", "sac", "iql"} <= set(names)
     assert next(m for m in main.methods if m.name == "sft").data == "gold"
     ps = {m.p or main.setup.p for m in ablations.methods if m.algo == "bd"}
-    assert ps == {0.95, 0.8, 0.5}
+    assert ps == {1.0, 0.8, 0.5}
+    assert next(m for m in ablations.methods if m.p == 1.0).data == "full"
+    assert main.init is not None and ablations.init == main.init  # inherited by setup_from
     kwargs = [m.loss_kwargs for m in ablations.methods]
     assert {"alpha_chi": None} in kwargs and {"expert_action": "nucleus"} in kwargs
     assert load_bench_config(CONFIGS / "main.yaml", steps=3, lr=None).setup.steps == 3
@@ -128,6 +130,12 @@ def test_bad_configs_are_refused(tmp_path):
         load_bench_config(path)
     path.write_text(yaml.safe_dump({"methods": {"bd": {"data": "web"}}}))
     with pytest.raises(ValueError, match="data must be"):
+        load_bench_config(path)
+    path.write_text(yaml.safe_dump({"init": {"step": 3}, "methods": {"bd": {}}}))
+    with pytest.raises(ValueError, match="init has unknown keys"):
+        load_bench_config(path)
+    path.write_text(yaml.safe_dump({"init": {"steps": 0}, "methods": {"bd": {}}}))
+    with pytest.raises(ValueError, match="init.steps must be >= 1"):
         load_bench_config(path)
     path.write_text(yaml.safe_dump({"methods": {}}))
     with pytest.raises(ValueError, match="methods"):
@@ -207,15 +215,19 @@ def test_benchmark_report_and_resume_on_tiny_models(tiny_teacher_dir, tmp_path):
         "bd": {"algo": "bd", "seeds": 2},
         "sft": {"algo": "sft", "seeds": 1, "data": "gold"},
         "bd_p0.5": {"algo": "bd", "seeds": 1, "p": 0.5, "loss_kwargs": {"alpha_chi": None}},
+        "bd_p1.0": {"algo": "bd", "seeds": 1, "p": 1.0, "data": "full"},
     }
+    init = {"prompts": 12, "samples": 1, "steps": 2, "lr": 1e-3}
     (tmp_path / "main.yaml").write_text(
-        yaml.safe_dump({"name": "main", "setup": setup, "methods": methods}, sort_keys=False)
+        yaml.safe_dump(
+            {"name": "main", "setup": setup, "init": init, "methods": methods}, sort_keys=False
+        )
     )
     results_dir = tmp_path / "results"
     argv = ["--config", str(tmp_path / "main.yaml"), "--results-dir", str(results_dir)]
     assert run_benchmark.main([*argv, "--no-report"]) == 0
     results = json.loads((results_dir / "main.json").read_text())
-    assert list(results["methods"]) == ["bd", "sft", "bd_p0.5"]
+    assert list(results["methods"]) == ["bd", "sft", "bd_p0.5", "bd_p1.0"]
     bd = results["methods"]["bd"]
     assert bd["seeds"] == 2 and set(bd) >= {"rougeL_mean", "rougeL_std", "rougeL_teacher_mean"}
     evals = [
@@ -232,6 +244,22 @@ def test_benchmark_report_and_resume_on_tiny_models(tiny_teacher_dir, tmp_path):
     assert config["loss_kwargs"] == {"q_min": None, "alpha_chi": None}
     sft = yaml.safe_load((tmp_path / "runs" / "runs" / "sft" / "seed0" / "config.yaml").read_text())
     assert sft["cache"].endswith("gold_cache") and TeacherCache(sft["cache"]).indices("train").size
+    # p = 1.0 trains on a second cache of the same responses holding the whole distribution
+    full = yaml.safe_load(
+        (tmp_path / "runs" / "runs" / "bd_p1.0" / "seed0" / "config.yaml").read_text()
+    )
+    assert full["cache"].endswith("full_cache") and full["p"] == 1.0
+    full_cache, main_cache = TeacherCache(full["cache"]), TeacherCache(tmp_path / "runs/data/cache")
+    assert full_cache.p_store == 1.0 and len(full_cache) == len(main_cache)
+    batch = full_cache.batch(full_cache.indices("train")[:2], p=1.0)
+    sizes = batch["support_mask"].sum(-1)[batch["response_mask"]]
+    assert (sizes == full_cache.vocab_size).all()
+    assert results["methods"]["bd_p1.0"]["p"] == 1.0
+    # every row starts from the one shared initial student, trained once on other prompts
+    init_run = tmp_path / "runs" / "init" / "run"
+    assert json.loads((init_run / "summary.json").read_text())["steps"] == 2
+    assert config["student"] == sft["student"] == str(init_run / "student")
+    assert results["config"]["setup"]["init"]["prompts"] == 12
     seed1 = yaml.safe_load(
         (tmp_path / "runs" / "runs" / "bd" / "seed1" / "config.yaml").read_text()
     )
@@ -247,7 +275,7 @@ def test_benchmark_report_and_resume_on_tiny_models(tiny_teacher_dir, tmp_path):
         (folder / "summary.json").stat().st_mtime_ns,
     ) == stamp
     lines = run_benchmark.list_runs(run_benchmark.load_configs(run_benchmark.parse_args(argv)))
-    assert len(lines) == 4 and all("evaluated" in line for line in lines)
+    assert len(lines) == 5 and all("evaluated" in line for line in lines)
 
     # the report: tables, BD's verdicts and every place it did not come out better, plots
     md = tmp_path / "RESULTS.md"
@@ -275,6 +303,9 @@ def test_run_benchmark_options(tmp_path):
     assert [m.name for m in configs[0].methods] == ["bd", "kd"]
     assert all(m.seeds == 1 for c in configs for m in c.methods)
     assert configs[0].setup.steps == 5
+    assert configs[0].init is not None
+    no_init = run_benchmark.load_configs(run_benchmark.parse_args(["--no-init"]))
+    assert all(c.init is None for c in no_init)
     with pytest.raises(ValueError, match="no method left"):
         run_benchmark.load_configs(run_benchmark.parse_args(["--methods", "nope"]))
 

@@ -92,6 +92,22 @@ def test_gradient_outside_the_nucleus(normalization, outside):
         assert bool((off > 0).all())
 
 
+@pytest.mark.parametrize(
+    "divergence, expected",
+    [
+        ("forward_kl", "vocab"),
+        ("cross_entropy", "vocab"),
+        ("reverse_kl", "support"),
+        ("jsd", "support"),
+    ],
+)
+def test_default_student_normalization(divergence, expected):
+    """KD defaults to the usual sparse KD (full-vocabulary student); the rest to proj_p."""
+    assert (
+        TokenDivergenceLoss(tiny_student(), divergence=divergence).student_normalization == expected
+    )
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown divergence"):
         TokenDivergenceLoss(tiny_student(), divergence="kl")

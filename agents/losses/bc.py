@@ -66,11 +66,12 @@ class TokenDivergenceLoss(SequenceLoss):
         = KL(P || lam P + (1-lam) Q), skew_rkl, tvd.
 
     ``vocab="support"`` (the fast path, from the cache): P = proj_p(pi_T), the teacher
-    renormalised on its nucleus A_p(s_t); Q = proj_p(pi_theta) (``student_normalization=
-    "support"``: both are distributions on the nucleus and tokens outside it get no gradient)
-    or Q = pi_theta over the whole vocabulary restricted to the nucleus (``"vocab"``, only for
-    forward_kl / cross_entropy: the usual sparse-KD loss, which also pushes down the student's
-    mass outside the nucleus).
+    renormalised on its nucleus A_p(s_t); Q = pi_theta over the whole vocabulary restricted to
+    the nucleus (``student_normalization="vocab"``, the default for forward_kl / cross_entropy:
+    the usual sparse-KD loss sum_{a in A_p} P(a) (log P(a) - log pi_theta(a)), which also pushes
+    down the student's mass outside the nucleus) or Q = proj_p(pi_theta) (``"support"``, the
+    default and only choice for the other divergences: both are distributions on the nucleus
+    and tokens outside it get no gradient).
     ``vocab="full"``: P and Q are the full softmaxes; the teacher's logits come from the batch
     key "teacher_logits" [B, L, V] or, when ``teacher`` is given, from running the teacher on the
     tokens each step (live teacher, as TRL and DistiLLM train). Computed in checkpointed fp32
@@ -81,7 +82,8 @@ class TokenDivergenceLoss(SequenceLoss):
     Keyword Args:
         divergence: a name of ``tdkd.divergences.DIVERGENCES``.
         vocab: "support" or "full". p: nucleus mass for "support" (<= p_store; None = stored).
-        student_normalization: "support" or "vocab" (see above).
+        student_normalization: "vocab", "support" or None (see above; None = "vocab" for
+            forward_kl / cross_entropy, "support" otherwise).
         teacher: optional nn.Module (HF causal LM) for live full-vocabulary teacher logits.
         beta: JSD weight. lam: skew weight. chunk_size: rows per fp32 chunk.
         reduction: "mean" | "sum" | "none".
@@ -97,7 +99,7 @@ class TokenDivergenceLoss(SequenceLoss):
         divergence: str = "forward_kl",
         vocab: str = "support",
         p: float | None = None,
-        student_normalization: str = "support",
+        student_normalization: str | None = None,
         teacher: nn.Module | None = None,
         beta: float = 0.5,
         lam: float = 0.1,
@@ -107,6 +109,9 @@ class TokenDivergenceLoss(SequenceLoss):
         super().__init__(student, p=p, reduction=reduction)
         self.divergence_fn = get_divergence(divergence)
         check_choice("vocab", vocab, ("support", "full"))
+        if student_normalization is None:
+            full = divergence in ("forward_kl", "cross_entropy")
+            student_normalization = "vocab" if full else "support"
         check_choice("student_normalization", student_normalization, ("support", "vocab"))
         if student_normalization == "vocab" and divergence not in ("forward_kl", "cross_entropy"):
             raise ValueError(
