@@ -322,11 +322,17 @@ def aggregate_runs(
     return out
 
 
+def _reference_row(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """A reference row (teacher, initial student): its means and stds over sampling seeds."""
+    return {k: v for k, v in evaluation.items() if k.endswith(("_mean", "_std")) or k == "seeds"}
+
+
 def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, Any]:
     """Every (method, seed) run of ``config``, then the aggregated results JSON.
 
     Writes ``experiments/results/<name>.json``:
-    ``{"name", "config", "teacher": {...}, "methods": {name: {rougeL_mean, rougeL_std, seeds,
+    ``{"name", "config", "teacher": {...}, "initial": {...} | None (the initial student),
+    "methods": {name: {rougeL_mean, rougeL_std, seeds,
     rougeL_teacher_*, exact_match_*, teacher_nll_*, coverage_*, gen_length_*,
     best_val_token_nll_*, train_seconds_mean, algo, group, p, loss_kwargs, data}},
     "curves": {name: {metric: [[step, mean over seeds]]}}}``. Metrics are in points (0-100)
@@ -337,8 +343,10 @@ def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, A
 
     setup = config.setup
     prepare_data(setup, progress=progress)
+    initial = None
     if setup.init is not None:
-        setup = dataclasses.replace(setup, student=init_student(setup, progress=progress))
+        initial = init_student(setup, progress=progress)
+        setup = dataclasses.replace(setup, student=initial)
     for kind in sorted({m.data for m in config.methods} - {"teacher"}):
         build_side_cache(setup, kind, progress=progress)
     teacher = evaluate_models(
@@ -376,13 +384,18 @@ def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, A
             metric: [list(p) for p in mean_curve([r.get(metric, []) for r in per_run])]
             for metric in CURVE_METRICS
         }
-    teacher_row = {
-        k: v for k, v in teacher.items() if k.endswith(("_mean", "_std")) or k == "seeds"
-    }
+    teacher_row = _reference_row(teacher)
+    initial_row = None
+    if initial is not None:  # the rows' common starting point, evaluated like them
+        initial_eval = evaluate_models(
+            setup, initial, None, Path(setup.out) / "eval" / "initial.json", progress=progress
+        )
+        initial_row = _reference_row(initial_eval)
     results = {
         "name": config.name,
         "config": {
-            "setup": setup.to_dict(),
+            "setup": config.setup.to_dict(),  # as given; the rows start from initial_student
+            "initial_student": initial,
             "methods": [dataclasses.asdict(m) for m in config.methods],
         },
         "teacher": {
@@ -390,6 +403,7 @@ def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, A
             "prompts": teacher["prompts"],
             "sampling_seeds": teacher["seeds"],
         },
+        "initial": initial_row,
         "methods": methods,
         "curves": curves,
     }

@@ -62,6 +62,20 @@ def bd_verdicts(methods: dict[str, dict], reference: str = "bd") -> tuple[list[s
     return lines, not_better
 
 
+def init_text(init: dict | None) -> str:
+    """How the rows' shared initial student was made (``tdkd.demo.InitSpec``), or ''.
+
+    >>> init_text({"algo": "kd", "prompts": 600, "samples": 1, "steps": 150, "lr": 0.001})
+    ' initialised once by kd on 600 other prompts x 1 teacher samples (150 steps at lr 0.001)'
+    """
+    if not init:
+        return ""
+    return (
+        f" initialised once by {init['algo']} on {init['prompts']} other prompts x "
+        f"{init['samples']} teacher samples ({init['steps']} steps at lr {init['lr']})"
+    )
+
+
 def demo_section(
     demo: dict | None,
     plots: Path,
@@ -77,7 +91,8 @@ def demo_section(
     config = demo["config"]
     methods = demo["methods"]
     out += [
-        f"{config['teacher']} -> student `{config['student']}`, {config['steps']} steps x "
+        f"{config['teacher']} -> student `{config['student']}`{init_text(config.get('init'))}, "
+        f"{config['steps']} steps x "
         f"{config['batch_size']} responses per algorithm at lr {config['lr']}, p = {config['p']}; "
         f"{methods['teacher'].get('seeds')} sampling seeds on the test prompts, **one training "
         "seed** (the +- is decoding noise only). Loss arguments: "
@@ -114,14 +129,18 @@ def table_section(
         return out + [f"Not measured yet: `{command}`.", ""], []
     setup = results["config"]["setup"]
     methods = results["methods"]
-    rows = {"teacher": {**results["teacher"], "seeds": "ref"}, **methods}
+    rows = {"teacher": {**results["teacher"], "seeds": "ref"}}
+    if results.get("initial"):  # the common starting point of every row
+        rows["initial student"] = {**results["initial"], "seeds": "ref"}
+    rows |= methods
     out += [
-        f"Teacher {setup['teacher']}, student `{setup['student']}`, {setup['prompts']} prompts x "
+        f"Teacher {setup['teacher']}, student `{setup['student']}`{init_text(setup.get('init'))}, "
+        f"{setup['prompts']} prompts x "
         f"{setup['samples']} teacher samples (<= {setup['max_new_tokens']} tokens), "
         f"{setup['steps']} steps x {setup['batch_size']} responses at lr {setup['lr']}, "
         f"p = {setup['p']} unless stated; {results['teacher']['prompts']} test prompts x "
         f"{setup['seeds']} sampling seeds per run. +- = sample std over **training seeds** "
-        "(`seeds` column; the teacher row's +- is over sampling seeds); Rouge-L and exact match in "
+        "(`seeds` column; the reference rows' +- is over sampling seeds); Rouge-L and exact match in "
         "points (Rouge-L (gold) against the prompt's gold answer), teacher NLL in nats/token, "
         "coverage = share of generated tokens inside the teacher's nucleus at p.",
         "",

@@ -642,9 +642,11 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     start = time.perf_counter()
     summary = prepare_data(config, progress=progress)
     times["prepare_s"] = time.perf_counter() - start
+    given, initial = config, None  # the results record the config as given
     if config.init is not None:
         start = time.perf_counter()
-        config = dataclasses.replace(config, student=init_student(config, progress=progress))
+        initial = init_student(config, progress=progress)
+        config = dataclasses.replace(config, student=initial)
         times["init_s"] = time.perf_counter() - start
 
     retrained: dict[str, bool] = {}
@@ -696,7 +698,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     plot_bars(methods, list(TABLE_METRICS), out / "plots" / "bars.png")
     comparison = compare(methods, algos[0], algos[1]) if len(algos) >= 2 else []
     results = {
-        "config": config.to_dict(),
+        "config": given.to_dict(),
+        "initial_student": initial,
         "methods": methods,
         "curves": {
             algo: {m: [list(p) for p in series.get(m, [])] for m in CURVE_TITLES}

@@ -117,6 +117,7 @@ def test_shipped_configs_load_and_share_one_setup():
     assert main.init is not None and ablations.init == main.init  # inherited by setup_from
     kwargs = [m.loss_kwargs for m in ablations.methods]
     assert {"alpha_chi": None} in kwargs and {"expert_action": "nucleus"} in kwargs
+    assert {"lm_coef": 1.0} in kwargs
     assert load_bench_config(CONFIGS / "main.yaml", steps=3, lr=None).setup.steps == 3
 
 
@@ -260,6 +261,9 @@ def test_benchmark_report_and_resume_on_tiny_models(tiny_teacher_dir, tmp_path):
     assert json.loads((init_run / "summary.json").read_text())["steps"] == 2
     assert config["student"] == sft["student"] == str(init_run / "student")
     assert results["config"]["setup"]["init"]["prompts"] == 12
+    assert results["config"]["initial_student"] == str(init_run / "student")
+    initial = json.loads((tmp_path / "runs" / "eval" / "initial.json").read_text())
+    assert results["initial"]["teacher_nll_mean"] == initial["teacher_nll_mean"]
     seed1 = yaml.safe_load(
         (tmp_path / "runs" / "runs" / "bd" / "seed1" / "config.yaml").read_text()
     )
@@ -281,7 +285,7 @@ def test_benchmark_report_and_resume_on_tiny_models(tiny_teacher_dir, tmp_path):
     md = tmp_path / "RESULTS.md"
     assert report.main(["--results-dir", str(results_dir), "--out", str(md)]) == 0
     text = md.read_text()
-    assert "| bd | 2 |" in text and "| sft | 1 |" in text
+    assert "| bd | 2 |" in text and "| sft | 1 |" in text and "| initial student | ref |" in text
     assert "## Where BD did not beat a baseline (main table)" in text
     assert "one seed: no noise estimate" in text  # sft has one seed
     assert "Not measured yet: `python experiments/sparsity.py`" in text
