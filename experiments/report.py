@@ -253,7 +253,7 @@ def build_report(results_dir: Path, md_path: Path) -> str:
     md_dir = md_path.parent
     load: dict[str, Any] = {
         name: read_json(results_dir / f"{name}.json")
-        for name in ("demo", "demo_bd_clip10", "main", "ablations", "sparsity", "theory")
+        for name in ("demo", "main", "ablations", "sparsity", "theory")
     }
     text = [
         "# Results",
@@ -264,11 +264,6 @@ def build_report(results_dir: Path, md_path: Path) -> str:
         "",
     ]
     text += demo_section(load["demo"], plots, md_dir)
-    if load["demo_bd_clip10"] is not None:
-        text += demo_section(
-            load["demo_bd_clip10"], plots, md_dir, stem="demo_bd_clip10",
-            title="The demo with the paper's Q max-shift + clip at -10 for BD",
-        )  # fmt: skip
     main, main_not_better = table_section(
         "Main table: BD vs the baselines", load["main"],
         "python experiments/run_benchmark.py --config experiments/configs/main.yaml",

@@ -38,8 +38,9 @@ gradient norm fell to 0 by step 20 and the student's validation NLL of the teach
 from 25 to 49 nats. Without the shift and clip BD learns (18.2 -> 15.3 over the 30 steps; KD
 14.0 -> 11.9). Since the max-shift became a stop-gradient (``tdkd.td.q_max_shift_clip``) the
 clipped form learns too (validation NLL 13.1 -> 12.1, gradient norm 669 -> 196), but its
-sampled generations were judged worse than KD's (experiments/RESULTS.md), so the demo keeps
-``q_min=None``.
+sampled generations were judged worse than KD's in that demo, so the demo keeps
+``q_min=None``; the benchmark's ablations measure the clipped form from the initial student
+(row ``bd_clip10`` of experiments/RESULTS.md).
 ``--loss-kwarg bd:q_min=-10`` restores the paper's form.
 
 The helpers for tables and plots (``read_metrics_csv``, ``compare``, ``format_table``,
@@ -108,12 +109,15 @@ class InitSpec:
     """The student every algorithm starts from (the paper's are pretrained LMs, SFT-ed).
 
     A layer-dropped copy of the teacher is not a language model yet (on the embedded teacher,
-    ``layers:4`` puts 0.2% of its mass on the teacher's p = 0.8 nucleus). So, once per
+    ``layers:4`` puts 0.2% of its mass on the teacher's p = 0.8 nucleus). So, once per demo or
     benchmark, it is distilled with ``algo`` for ``steps`` steps (``lr``) on the train split of
     a second, larger ``tdkd prepare`` run (``prompts`` prompts x ``samples`` teacher samples,
     the setup's lengths, fractions and data seed). Splits are decided by a hash of the prompt
     with the same fractions, so no test prompt of the benchmark is ever trained on. The result,
     ``OUT/init/run/student``, replaces ``DemoConfig.student`` for every algorithm.
+
+    >>> DemoConfig(init={"prompts": 50, "steps": 20}).init
+    InitSpec(prompts=50, samples=1, algo='kd', steps=20, lr=0.001, batch_size=None)
     """
 
     prompts: int = 300
