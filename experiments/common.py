@@ -43,6 +43,7 @@ from tdkd.demo import (
     distill_run,
     evaluate_models,
     init_student,
+    pin_initial_student,
     read_json,
     read_metrics_csv,
     write_json_atomic,
@@ -142,13 +143,10 @@ def load_bench_config(
     setup.update(data.get("setup") or {})
     init = data.get("init", init)
     if init is not None:
-        extra = sorted(set(init) - {f.name for f in dataclasses.fields(InitSpec)})
-        if extra:
-            raise ValueError(
-                f"{path}: init has unknown keys {extra}; valid: "
-                f"{sorted(f.name for f in dataclasses.fields(InitSpec))}"
-            )
-        setup["init"] = InitSpec(**init)
+        try:
+            setup["init"] = InitSpec.from_value(init)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
     setup.update({k: v for k, v in overrides.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(DemoConfig)}
     bad = sorted(set(setup) - fields)
@@ -271,6 +269,8 @@ def run_method(
         config["p"] = method.p
     config["loss_kwargs"] = {**config["loss_kwargs"], **method.loss_kwargs}
     config["cache"] = str(setup.data_dir / DATA_CACHES[method.data])
+    if setup.init is not None:  # setup.student is the initial student's folder
+        pin_initial_student(out, setup.student)
     start = time.perf_counter()
     trained = distill_run(config, progress=progress)
     if trained:
@@ -343,9 +343,9 @@ def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, A
 
     setup = config.setup
     prepare_data(setup, progress=progress)
-    initial = None
+    initial, initial_trained = None, False
     if setup.init is not None:
-        initial = init_student(setup, progress=progress)
+        initial, initial_trained = init_student(setup, progress=progress)
         setup = dataclasses.replace(setup, student=initial)
     for kind in sorted({m.data for m in config.methods} - {"teacher"}):
         build_side_cache(setup, kind, progress=progress)
@@ -388,7 +388,12 @@ def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, A
     initial_row = None
     if initial is not None:  # the rows' common starting point, evaluated like them
         initial_eval = evaluate_models(
-            setup, initial, None, Path(setup.out) / "eval" / "initial.json", progress=progress
+            setup,
+            initial,
+            None,
+            Path(setup.out) / "eval" / "initial.json",
+            retrained=initial_trained,
+            progress=progress,
         )
         initial_row = _reference_row(initial_eval)
     results = {

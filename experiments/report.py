@@ -66,12 +66,12 @@ def init_text(init: dict | None) -> str:
     """How the rows' shared initial student was made (``tdkd.demo.InitSpec``), or ''.
 
     >>> init_text({"algo": "kd", "prompts": 600, "samples": 1, "steps": 150, "lr": 0.001})
-    ' initialised once by kd on 600 other prompts x 1 teacher samples (150 steps at lr 0.001)'
+    ' initialised once by kd on the train split of 600 prompts x 1 teacher samples (150 steps at lr 0.001)'
     """
     if not init:
         return ""
     return (
-        f" initialised once by {init['algo']} on {init['prompts']} other prompts x "
+        f" initialised once by {init['algo']} on the train split of {init['prompts']} prompts x "
         f"{init['samples']} teacher samples ({init['steps']} steps at lr {init['lr']})"
     )
 

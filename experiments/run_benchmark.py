@@ -10,7 +10,7 @@ Reads top to bottom:
 2. ``tdkd prepare`` once (embedded teacher samples + sparse top-p cache), plus a cache over
    the datasets' gold answers for SFT and one of the whole teacher distribution for p = 1.0;
    the shared initial student (``init:``), trained once;
-3. the teacher's own evaluation (the reference row);
+3. the teacher's own evaluation and the initial student's (the reference rows);
 4. for every method and training seed: ``tdkd distill`` (skipped once finished; resumed from
    its checkpoint when interrupted), then ``tdkd eval`` on the test prompts over sampling seeds
    (skipped when up to date);
@@ -19,8 +19,8 @@ Reads top to bottom:
 
 Deviations from the paper (PAPER.md section 5), all for 2-CPU scale: SmolLM2-135M-Instruct
 teacher and a 4-layer layer-dropped student (not GPT-2/OPT/Qwen pairs), initialised not by SFT
-of a pretrained LM but by one shared KD run on 600 other prompts' teacher samples (``init:``,
-see ``experiments.common.InitSpec``: the layer-dropped copy is not a language model yet);
+of a pretrained LM but by one shared KD run on the train split of 600 prompts' teacher samples
+(``init:``, see ``tdkd.demo.InitSpec``: the layer-dropped copy is not a language model yet);
 chatterbot + synthetic prompts instead of Dolly, 2 teacher samples per prompt (not 8),
 responses <= 32 tokens (not 512); 40 steps of 8 responses at lr 1e-4 (not 3 epochs of batch 64
 at 5e-6); BD without the pre-training LM loss (lm_coef = 0: there is no pre-training corpus
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         results = run_benchmark(config, progress=args.progress)
         print(f"\n{config.name}: {time.perf_counter() - start:.0f} s -> {config.results_path}")
-        print(format_table({"teacher": results["teacher"], **results["methods"]}))
+        initial = {"initial student": results["initial"]} if results.get("initial") else {}
+        print(format_table({"teacher": results["teacher"], **initial, **results["methods"]}))
     if not args.no_report:
         from experiments import report
 

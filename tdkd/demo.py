@@ -6,8 +6,9 @@ With the embedded teacher (SmolLM2-135M-Instruct) and a layer-dropped student, i
 1. ``tdkd prepare``: short chatterbot + synthetic prompts, K teacher samples each, the sparse
    top-p teacher cache (``OUT/data``);
 1b. the initial student (``InitSpec``, ``OUT/init``): the layer-dropped copy is distilled once
-   (KD, full-vocabulary student) on the train split of a second ``tdkd prepare`` over other
-   prompts, so that every algorithm starts from a language model (``--no-init`` skips it);
+   (KD, full-vocabulary student) on the train split of a second, larger ``tdkd prepare`` (its
+   prompts include stage 1's), so that every algorithm starts from a language model
+   (``--no-init`` skips it);
 2. ``tdkd distill`` once per algorithm (default BD and KD) from the same cache, initial
    student, budget (steps x batch), learning rate and seed (``OUT/runs/<algo>``);
 3. ``tdkd eval`` of the teacher (the reference) and of each student on the test prompts, over
@@ -52,6 +53,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -77,6 +79,7 @@ __all__ = [
     "evaluate_models",
     "format_table",
     "init_student",
+    "pin_initial_student",
     "plot_bars",
     "plot_learning_curves",
     "prepare_data",
@@ -112,9 +115,12 @@ class InitSpec:
     ``layers:4`` puts 0.2% of its mass on the teacher's p = 0.8 nucleus). So, once per demo or
     benchmark, it is distilled with ``algo`` for ``steps`` steps (``lr``) on the train split of
     a second, larger ``tdkd prepare`` run (``prompts`` prompts x ``samples`` teacher samples,
-    the setup's lengths, fractions and data seed). Splits are decided by a hash of the prompt
-    with the same fractions, so no test prompt of the benchmark is ever trained on. The result,
-    ``OUT/init/run/student``, replaces ``DemoConfig.student`` for every algorithm.
+    the setup's lengths, fractions and data seed; its prompts include the setup's own, drawn
+    in the same order). Splits are decided by a hash of the prompt with the same fractions, so
+    no test prompt is ever trained on. The result, ``OUT/init/run/student``, replaces
+    ``DemoConfig.student`` for every algorithm; each algorithm's run folder pins the initial
+    student's weights (``pin_initial_student``), so a retrained one is never mixed with runs
+    of the previous one.
 
     >>> DemoConfig(init={"prompts": 50, "steps": 20}).init
     InitSpec(prompts=50, samples=1, algo='kd', steps=20, lr=0.001, batch_size=None)
@@ -128,11 +134,40 @@ class InitSpec:
     batch_size: int | None = None  # None: the setup's
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "lr", float(self.lr))  # YAML reads 1e-3 as a string
+        except (TypeError, ValueError):
+            raise ValueError(f"init.lr must be a number, got {self.lr!r}") from None
         for name in ("prompts", "samples", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"init.{name} must be >= 1, got {getattr(self, name)}")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(
+                    f"init.{name} must be an integer >= 1, got {getattr(self, name)!r}"
+                )
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise ValueError(f"init.batch_size must be None or >= 1, got {self.batch_size!r}")
         if not self.lr > 0:
             raise ValueError(f"init.lr must be > 0, got {self.lr}")
+        if not isinstance(self.algo, str) or not self.algo.strip():
+            raise ValueError(f"init.algo must be an algorithm name such as 'kd', got {self.algo!r}")
+
+    @classmethod
+    def from_value(cls, value: Any) -> InitSpec:
+        """An ``InitSpec`` from itself or a mapping of its fields (clear errors otherwise)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"init must be a mapping of {[f.name for f in dataclasses.fields(cls)]} or null, "
+                f"got {value!r}"
+            )
+        extra = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if extra:
+            raise ValueError(
+                f"init has unknown keys {extra}; valid: {[f.name for f in dataclasses.fields(cls)]}"
+            )
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -179,8 +214,9 @@ class DemoConfig:
     init: InitSpec | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.init, Mapping):
-            object.__setattr__(self, "init", InitSpec(**self.init))
+        object.__setattr__(self, "algos", tuple(self.algos))
+        if self.init is not None:
+            object.__setattr__(self, "init", InitSpec.from_value(self.init))
         for name in ("prompts", "samples", "max_new_tokens", "steps", "batch_size", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(
@@ -427,8 +463,8 @@ def plot_bars(
 # ----------------------------------------------------------------------------- stages
 
 
-def init_student(setup: DemoConfig, *, progress: bool = True) -> str:
-    """Train the shared initial student of ``setup.init`` once; returns its folder.
+def init_student(setup: DemoConfig, *, progress: bool = True) -> tuple[str, bool]:
+    """Train the shared initial student of ``setup.init`` once; returns (its folder, trained now).
 
     Reused when finished: its data is ``tdkd prepare``'s (resumable) and its run is
     ``tdkd distill``'s (skipped once finished with the same config).
@@ -458,8 +494,34 @@ def init_student(setup: DemoConfig, *, progress: bool = True) -> str:
     )
     config["out"] = str(Path(init_setup.out) / "run")
     config["p"] = setup.p_store  # the widest nucleus the cache serves
-    distill_run(config, progress=progress)
-    return str(Path(config["out"]) / "student")
+    trained = distill_run(config, progress=progress)
+    return str(Path(config["out"]) / "student"), trained
+
+
+def pin_initial_student(run_out: str | os.PathLike, initial: str | os.PathLike) -> None:
+    """Record in ``run_out`` which initial student (SHA-256 of its weights) the run starts from.
+
+    A run folder that already records another one was trained from a previous initial student
+    (retrained since): ValueError, saying which folder to delete; reusing it would silently mix
+    two starting points in one table.
+    """
+    weights = sorted(Path(initial).glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"no *.safetensors in the initial student folder {initial}")
+    digest = hashlib.sha256()
+    for path in weights:
+        with open(path, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    current = {"path": str(initial), "weights_sha256": digest.hexdigest()}
+    marker = Path(run_out) / "initial_student.json"
+    saved = read_json(marker)
+    if saved is None:
+        write_json_atomic(marker, current)
+    elif saved.get("weights_sha256") != current["weights_sha256"]:
+        raise ValueError(
+            f"{run_out} was trained from another initial student than {initial} (retrained "
+            "since); delete that run folder (and its evaluation) to train it again"
+        )
 
 
 def prepare_data(config: DemoConfig, *, progress: bool = True) -> dict:
@@ -649,13 +711,15 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     given, initial = config, None  # the results record the config as given
     if config.init is not None:
         start = time.perf_counter()
-        initial = init_student(config, progress=progress)
+        initial, _ = init_student(config, progress=progress)
         config = dataclasses.replace(config, student=initial)
         times["init_s"] = time.perf_counter() - start
 
     retrained: dict[str, bool] = {}
     for algo in config.algos:
         start = time.perf_counter()
+        if initial is not None:
+            pin_initial_student(config.run_dir(algo), initial)
         retrained[algo] = distill_run(distill_config(config, algo), progress=progress)
         times[f"distill_{algo}_s"] = time.perf_counter() - start
 

@@ -20,6 +20,7 @@ from tdkd.demo import (
     compare,
     config_from_args,
     format_table,
+    pin_initial_student,
     plot_bars,
     plot_learning_curves,
     read_metrics_csv,
@@ -134,8 +135,21 @@ def test_bad_config_is_refused_with_the_flag_named():
     assert (config.init.prompts, config.init.steps) == (50, 9)
     assert config_from_args(parser.parse_args(["--no-init"])).init is None
     assert DemoConfig(init={"steps": 3}).init == InitSpec(steps=3)
-    with pytest.raises(ValueError, match="init.steps must be >= 1"):
+    with pytest.raises(ValueError, match="init.steps must be an integer >= 1"):
         DemoConfig(init={"steps": 0})
+    assert InitSpec(lr="1e-3").lr == 1e-3  # YAML reads 1e-3 as a string
+    for bad, match in [
+        (True, "init must be a mapping"),
+        ({"step": 3}, "init has unknown keys"),
+        ({"batch_size": 0}, "init.batch_size"),
+        ({"lr": "fast"}, "init.lr must be a number"),
+        ({"algo": ""}, "init.algo"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DemoConfig(init=bad)
+    config = DemoConfig(init={"steps": 3})
+    assert DemoConfig(**config.to_dict()) == config  # to_dict round-trips, init included
+
     argv = ["--loss-kwarg", "bd:lm_coef=0.5", "--loss-kwarg", "bd:alpha_chi=null"]
     config = config_from_args(parser.parse_args(argv))
     assert config.loss_kwargs == {"bd": {"q_min": None, "lm_coef": 0.5, "alpha_chi": None}}
@@ -272,3 +286,18 @@ def test_demo_pipeline_on_tiny_models_and_resume(tiny_teacher_dir, tmp_path):
     pair_again = json.loads((out / "eval" / "bd_vs_kd.json").read_text())
     assert pair_again is not None and resumed["methods"]["teacher"] == results["methods"]["teacher"]
     assert (out / "eval" / "bd_vs_kd.json").stat().st_mtime_ns != before["eval/bd_vs_kd.json"]
+
+
+def test_runs_pin_their_initial_student(tmp_path):
+    initial = tmp_path / "initial"
+    initial.mkdir()
+    (initial / "model.safetensors").write_bytes(b"weights v1")
+    run = tmp_path / "runs" / "bd"
+    pin_initial_student(run, initial)
+    pin_initial_student(run, initial)  # the same student: accepted
+    assert json.loads((run / "initial_student.json").read_text())["path"] == str(initial)
+    (initial / "model.safetensors").write_bytes(b"weights v2")  # retrained since
+    with pytest.raises(ValueError, match="another initial student"):
+        pin_initial_student(run, initial)
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        pin_initial_student(run, tmp_path / "runs")

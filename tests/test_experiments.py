@@ -136,7 +136,7 @@ def test_bad_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="init has unknown keys"):
         load_bench_config(path)
     path.write_text(yaml.safe_dump({"init": {"steps": 0}, "methods": {"bd": {}}}))
-    with pytest.raises(ValueError, match="init.steps must be >= 1"):
+    with pytest.raises(ValueError, match="init.steps must be an integer >= 1"):
         load_bench_config(path)
     path.write_text(yaml.safe_dump({"methods": {}}))
     with pytest.raises(ValueError, match="methods"):
