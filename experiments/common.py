@@ -41,6 +41,7 @@ from tdkd.demo import (
     InitSpec,
     distill_config,
     distill_run,
+    drop_checkpoints,
     evaluate_models,
     init_student,
     pin_initial_student,
@@ -255,9 +256,17 @@ def run_dir(setup: DemoConfig, method: MethodSpec, seed: int) -> Path:
 
 
 def run_method(
-    setup: DemoConfig, method: MethodSpec, seed: int, *, progress: bool = False
+    setup: DemoConfig,
+    method: MethodSpec,
+    seed: int,
+    *,
+    progress: bool = False,
+    keep_checkpoints: bool = False,
 ) -> dict[str, Any]:
     """Train (unless finished) and evaluate (unless up to date) one (method, seed) run.
+
+    A finished run's checkpoints are deleted unless ``keep_checkpoints`` (``drop_checkpoints``:
+    ~1.5 GB per run otherwise; without them a longer ``--steps`` needs the run folder deleted).
 
     Returns the run's evaluation (``tdkd eval`` output) with ``train_seconds`` (the wall time
     of the training done now, or the one recorded when it was trained).
@@ -275,6 +284,8 @@ def run_method(
     trained = distill_run(config, progress=progress)
     if trained:
         write_json_atomic(out / "timing.json", {"train_seconds": time.perf_counter() - start})
+    if not keep_checkpoints:
+        drop_checkpoints(out)
     result = evaluate_models(
         setup, str(out), None, out / "eval.json", retrained=trained, progress=progress
     )
@@ -327,8 +338,13 @@ def _reference_row(evaluation: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in evaluation.items() if k.endswith(("_mean", "_std")) or k == "seeds"}
 
 
-def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, Any]:
+def run_benchmark(
+    config: BenchConfig, *, progress: bool = False, keep_checkpoints: bool = False
+) -> dict[str, Any]:
     """Every (method, seed) run of ``config``, then the aggregated results JSON.
+
+    Finished runs (and the initial student's run) drop their checkpoints unless
+    ``keep_checkpoints`` (see ``run_method``).
 
     Writes ``experiments/results/<name>.json``:
     ``{"name", "config", "teacher": {...}, "initial": {...} | None (the initial student),
@@ -347,6 +363,8 @@ def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, A
     if setup.init is not None:
         initial, initial_trained = init_student(setup, progress=progress)
         setup = dataclasses.replace(setup, student=initial)
+        if not keep_checkpoints:
+            drop_checkpoints(Path(initial).parent)
     for kind in sorted({m.data for m in config.methods} - {"teacher"}):
         build_side_cache(setup, kind, progress=progress)
     teacher = evaluate_models(
@@ -358,7 +376,11 @@ def run_benchmark(config: BenchConfig, *, progress: bool = False) -> dict[str, A
         evals = []
         for seed in range(method.seeds):
             log.info("%s seed %d", method.name, seed)
-            evals.append(run_method(setup, method, seed, progress=progress))
+            evals.append(
+                run_method(
+                    setup, method, seed, progress=progress, keep_checkpoints=keep_checkpoints
+                )
+            )
         row = aggregate_runs(evals)
         best = []
         for seed in range(method.seeds):

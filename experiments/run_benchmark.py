@@ -82,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="start every row from --student as it is (no shared initial distillation)",
     )
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep finished runs' checkpoints (~1.5 GB each) so a longer --steps continues them",
+    )
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate RESULTS.md")
     parser.add_argument("--progress", action="store_true", help="progress bars per stage")
@@ -149,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for config in configs:
         start = time.perf_counter()
-        results = run_benchmark(config, progress=args.progress)
+        results = run_benchmark(
+            config, progress=args.progress, keep_checkpoints=args.keep_checkpoints
+        )
         print(f"\n{config.name}: {time.perf_counter() - start:.0f} s -> {config.results_path}")
         initial = {"initial student": results["initial"]} if results.get("initial") else {}
         print(format_table({"teacher": results["teacher"], **initial, **results["methods"]}))

@@ -58,6 +58,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -76,6 +77,7 @@ __all__ = [
     "InitSpec",
     "compare",
     "distill_run",
+    "drop_checkpoints",
     "evaluate_models",
     "format_table",
     "init_student",
@@ -496,6 +498,20 @@ def init_student(setup: DemoConfig, *, progress: bool = True) -> tuple[str, bool
     config["p"] = setup.p_store  # the widest nucleus the cache serves
     trained = distill_run(config, progress=progress)
     return str(Path(config["out"]) / "student"), trained
+
+
+def drop_checkpoints(run_out: str | os.PathLike) -> None:
+    """Delete a *finished* run's ``ckpt/`` (its best student is already exported).
+
+    A checkpoint holds the student and its AdamW state (~0.5 GB for the 4-layer student), and a
+    run keeps up to three; a benchmark of ~35 runs would need ~50 GB. A finished run keeps
+    ``summary.json``, ``student/``, ``metrics.csv`` and its config. Without checkpoints, a longer
+    ``--steps`` cannot continue the run: delete its folder to retrain it.
+    """
+    out = Path(run_out)
+    if not (out / "summary.json").is_file():
+        raise ValueError(f"{out} has not finished (no summary.json); its checkpoints are kept")
+    shutil.rmtree(out / "ckpt", ignore_errors=True)
 
 
 def pin_initial_student(run_out: str | os.PathLike, initial: str | os.PathLike) -> None:

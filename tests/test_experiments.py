@@ -18,6 +18,7 @@ from experiments.common import (
     run_dir,
 )
 from tdkd.cache import TeacherCache, build_cache
+from tdkd.demo import drop_checkpoints
 from tdkd.models import load_teacher, tiny_teacher_student
 
 # ----------------------------------------------------------------------------- sparsity
@@ -270,8 +271,14 @@ def test_benchmark_report_and_resume_on_tiny_models(tiny_teacher_dir, tmp_path):
     assert seed1["train"]["seed"] == 1
     assert results["curves"]["bd"]["eval/token_nll"][0][0] == 1
 
-    # a rerun skips every finished run and evaluation
+    # finished runs keep their exported student, not their checkpoints
     folder = run_dir(load_bench_config(tmp_path / "main.yaml").setup, _method("bd"), 0)
+    assert (folder / "student").is_dir() and not (folder / "ckpt").exists()
+    assert not (init_run / "ckpt").exists()
+    with pytest.raises(ValueError, match="has not finished"):
+        drop_checkpoints(tmp_path)
+
+    # a rerun skips every finished run and evaluation
     stamp = (folder / "eval.json").stat().st_mtime_ns, (folder / "summary.json").stat().st_mtime_ns
     assert run_benchmark.main([*argv, "--no-report"]) == 0
     assert (
