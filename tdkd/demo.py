@@ -376,8 +376,11 @@ def format_table(
         lines += [f"| {n} | {s} | " + " | ".join(c) + " |" for n, s, c in rows]
         return "\n".join(lines)
     width = max(18, *(len(t) + 2 for t in titles))
-    lines = [f"{'method':<12}{'seeds':>6}" + "".join(f"{t:>{width}}" for t in titles)]
-    lines += [f"{n:<12}{s:>6}" + "".join(f"{c:>{width}}" for c in cells) for n, s, cells in rows]
+    name_width = max(12, *(len(n) + 1 for n, _, _ in rows)) if rows else 12
+    lines = [f"{'method':<{name_width}}{'seeds':>6}" + "".join(f"{t:>{width}}" for t in titles)]
+    lines += [
+        f"{n:<{name_width}}{s:>6}" + "".join(f"{c:>{width}}" for c in cells) for n, s, cells in rows
+    ]
     return "\n".join(lines)
 
 
