@@ -3,6 +3,10 @@
     python experiments/sparsity.py                                   # the benchmark's cache
     python experiments/sparsity.py --cache runs/demo/data/cache      # the demo's cache
 
+By default it reads the benchmark's full-distribution cache (``data/full_cache``, p_store = 1.0,
+made for the p = 1.0 ablation) when it exists, so every top-k mass is exact, else its sparse
+cache.
+
 Reads a prepared sparse teacher cache (``tdkd prepare``), i.e. the teacher's next-token
 distribution at every state of its own sampled responses, and writes
 ``experiments/results/sparsity.json``:
@@ -35,7 +39,7 @@ from experiments.common import CONFIGS, RESULTS, load_bench_config  # noqa: E402
 from tdkd.demo import write_json_atomic  # noqa: E402
 
 KS = (1, 2, 3, 5, 7, 10, 20, 50, 100, 200, 500, 1000)
-PS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+PS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 def topk_mass(offsets: torch.Tensor, log_probs: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
@@ -109,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tdkd.cache import TeacherCache
 
-    cache_path = args.cache or load_bench_config(CONFIGS / "main.yaml").setup.data_dir / "cache"
+    data_dir = load_bench_config(CONFIGS / "main.yaml").setup.data_dir
+    full = data_dir / "full_cache"
+    cache_path = args.cache or (full if (full / "manifest.json").is_file() else data_dir / "cache")
     if not Path(cache_path).is_dir():
         raise FileNotFoundError(
             f"no cache at {cache_path}; run experiments/run_benchmark.py (or `tdkd prepare`) "
