@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 from experiments.common import REPO, RESULTS  # noqa: E402
 from tdkd.demo import (  # noqa: E402
     CURVE_TITLES,
+    TABLE_METRICS,
     compare,
     format_table,
     plot_bars,
@@ -48,18 +49,55 @@ def _curves(results: dict) -> dict[str, dict[str, list[tuple[int, float]]]]:
     }
 
 
+# metrics with a direction (length has none: neither longer nor shorter is better)
+RANKED = tuple(m for m in TABLE if TABLE_METRICS[m][1] is not None)
+
+
 def bd_verdicts(methods: dict[str, dict], reference: str = "bd") -> tuple[list[str], list[str]]:
     """(all comparison lines of ``reference`` vs every other row, the ones where it did not
-    come out better)."""
+    come out better: worse, within noise, or worse / tied at face value with one seed; length,
+    which has no better direction, is compared but never counted)."""
     lines, not_better = [], []
     for name in methods:
         if name == reference:
             continue
-        for line in compare(methods, reference, name, TABLE):
-            lines.append(line)
-            if not line.endswith(f"{reference} better"):
-                not_better.append(line)
+        for metric in TABLE:
+            for line in compare(methods, reference, name, [metric]):
+                lines.append(line)
+                if metric in RANKED and not line.endswith(
+                    (f"{reference} better", f"{reference} better)")
+                ):
+                    not_better.append(line)
     return lines, not_better
+
+
+def summary_lines(
+    methods: dict[str, dict], reference: str = "bd", initial: dict | None = None
+) -> list[str]:
+    """Per ranked metric: the best trained row, where ``reference`` ranks (by mean) and, given
+    the ``initial`` student's row, which rows ended above their common starting point.
+
+    >>> rows = {"bd": {"teacher_nll_mean": 8.0}, "kd": {"teacher_nll_mean": 6.0}}
+    >>> summary_lines(rows, initial={"teacher_nll_mean": 6.5})
+    ['- teacher NLL: best kd 6.00; bd ranks 2 of 2; above the initial student (6.50): kd']
+    """
+    out = []
+    for metric in RANKED:
+        title, higher = TABLE_METRICS[metric]
+        values = {n: r.get(f"{metric}_mean") for n, r in methods.items()}
+        values = {n: v for n, v in values.items() if v is not None}
+        if not values or len(set(values.values())) == 1:
+            continue
+        order = sorted(values, key=lambda n: values[n], reverse=higher)
+        line = f"- {title}: best {order[0]} {values[order[0]]:.2f}"
+        if reference in values:
+            line += f"; {reference} ranks {order.index(reference) + 1} of {len(order)}"
+        start = (initial or {}).get(f"{metric}_mean")
+        if start is not None:
+            above = [n for n in order if (values[n] > start) == higher and values[n] != start]
+            line += f"; above the initial student ({start:.2f}): {', '.join(above) or 'none'}"
+        out.append(line)
+    return out
 
 
 def init_text(init: dict | None) -> str:
@@ -161,6 +199,10 @@ def table_section(
         )
     out += extra + [""]
     lines, not_better = [], []
+    summary = summary_lines(methods, initial=results.get("initial"))
+    if summary:
+        out += ["By mean over training seeds, among the trained rows (not evidence by itself; "
+                "the verdicts below account for noise):", "", *summary, ""]  # fmt: skip
     if "bd" in methods:
         lines, not_better = bd_verdicts(methods)
         out += ["BD against every other row (difference > 2 standard errors over training "
