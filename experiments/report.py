@@ -2,7 +2,7 @@
 
     python experiments/report.py
 
-Reads ``experiments/results/{demo,main,ablations,sparsity,theory}.json`` (whichever exist;
+Reads ``experiments/results/{demo,main,ablations,decoding,sparsity,theory}.json`` (whichever exist;
 a missing one becomes a "not measured yet" line naming the command that measures it) and
 writes PNG plots into ``experiments/results/plots/`` and ``experiments/RESULTS.md``. Nothing
 here measures anything: every number in RESULTS.md comes from a JSON file written by a run.
@@ -219,6 +219,34 @@ def table_section(
     return out, not_better
 
 
+def decoding_section(decoding: dict | None, main: dict | None) -> tuple[list[str], list[str]]:
+    """The main table's rows re-decoded at the student top-p of ``decoding.json`` next to their
+    top-p 1.0 rows; (lines, BD's not-better comparisons at that top-p)."""
+    out = ["## Decoding at the paper script's top-p", ""]
+    if decoding is None:
+        return out + ["Not measured yet: `python experiments/decoding.py`.", ""], []
+    top_p = decoding["top_p"]
+    rows = {}
+    for name, row in decoding["methods"].items():
+        if main is not None and name in main.get("methods", {}):
+            rows[f"{name} (top-p 1.0)"] = main["methods"][name]
+        rows[f"{name} (top-p {top_p})"] = row
+    out += [
+        f"The main table's finished runs, sampled at student top-p {top_p} (the paper's released "
+        "script) instead of 1.0 (the benchmark's MiniLLM protocol); nothing retrained, same "
+        "test prompts and sampling seeds; +- over training seeds.",
+        "",
+        format_table(rows, TABLE, markdown=True),
+        "",
+    ]
+    not_better: list[str] = []
+    if "bd" in decoding["methods"]:
+        lines, not_better = bd_verdicts(decoding["methods"])
+        out += [f"BD against the other rows at top-p {top_p}:", ""]
+        out += [f"- {line}" for line in lines] + [""]
+    return out, not_better
+
+
 def sparsity_section(results: dict | None, plots: Path, md_dir: Path) -> list[str]:
     out = ["## The teacher's sparsity", ""]
     if results is None:
@@ -295,7 +323,7 @@ def build_report(results_dir: Path, md_path: Path) -> str:
     md_dir = md_path.parent
     load: dict[str, Any] = {
         name: read_json(results_dir / f"{name}.json")
-        for name in ("demo", "main", "ablations", "sparsity", "theory")
+        for name in ("demo", "main", "ablations", "decoding", "sparsity", "theory")
     }
     text = [
         "# Results",
@@ -316,12 +344,18 @@ def build_report(results_dir: Path, md_path: Path) -> str:
         "python experiments/run_benchmark.py --config experiments/configs/ablations.yaml",
         plots, md_dir, "ablations",
     )  # fmt: skip
-    text += main + ablations
+    decoding, decoding_not_better = decoding_section(load["decoding"], load["main"])
+    text += main + ablations + decoding
     text += sparsity_section(load["sparsity"], plots, md_dir)
     text += theory_section(load["theory"])
     if load["main"] is not None:
         text += ["## Where BD did not beat a baseline (main table)", ""]
         text += [f"- {line}" for line in main_not_better] or ["- nowhere"]
+        text.append("")
+    if load["decoding"] is not None:
+        text += [f"## Where BD did not beat a baseline at student top-p {load['decoding']['top_p']}",
+                 ""]  # fmt: skip
+        text += [f"- {line}" for line in decoding_not_better] or ["- nowhere"]
         text.append("")
     if load["ablations"] is not None:
         text += ["## Where the reference BD did not beat an ablated variant", ""]

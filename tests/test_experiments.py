@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from experiments import report, run_benchmark, sparsity, theory_table
+from experiments import decoding, report, run_benchmark, sparsity, theory_table
 from experiments.common import (
     CONFIGS,
     aggregate_runs,
@@ -288,10 +288,25 @@ def test_benchmark_report_and_resume_on_tiny_models(tiny_teacher_dir, tmp_path):
     lines = run_benchmark.list_runs(run_benchmark.load_configs(run_benchmark.parse_args(argv)))
     assert len(lines) == 5 and all("evaluated" in line for line in lines)
 
+    # the finished runs re-decoded at another student top-p, aggregated like the main table
+    cfg = ["--config", str(tmp_path / "main.yaml"), "--results-dir", str(results_dir)]
+    assert decoding.main([*cfg, "--top-p", "0.5", "--methods", "bd,sft"]) == 0
+    decoded = json.loads((results_dir / "decoding.json").read_text())
+    assert decoded["top_p"] == 0.5 and list(decoded["methods"]) == ["bd", "sft"]
+    runs = [json.loads((tmp_path / "runs/runs/bd" / f"seed{s}/eval_top_p0.5.json").read_text())
+            for s in range(2)]  # fmt: skip
+    assert all(r["config"]["top_p"] == 0.5 for r in runs)
+    assert decoded["methods"]["bd"]["teacher_nll_mean"] == pytest.approx(
+        statistics.fmean(r["teacher_nll_mean"] for r in runs)
+    )
+    with pytest.raises(ValueError, match="unknown methods"):
+        decoding.main([*cfg, "--methods", "nope"])
+
     # the report: tables, BD's verdicts and every place it did not come out better, plots
     md = tmp_path / "RESULTS.md"
     assert report.main(["--results-dir", str(results_dir), "--out", str(md)]) == 0
     text = md.read_text()
+    assert "| bd (top-p 1.0) | 2 |" in text and "| bd (top-p 0.5) | 2 |" in text
     assert "| bd | 2 |" in text and "| sft | 1 |" in text and "| initial student | ref |" in text
     assert "## Where BD did not beat a baseline (main table)" in text
     assert "one seed: no noise estimate" in text  # sft has one seed
