@@ -16,7 +16,6 @@ version and SHA-256 of ``state.pt``) and refuses anything else with a clear erro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tdkd.io import atomic_directory, write_atomic
+from tdkd.io import atomic_directory, file_sha256, write_atomic
 
 __all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state", "FORMAT_VERSION"]
 
@@ -80,14 +79,6 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class CheckpointManager:
     """Saves, lists, validates and prunes checkpoints in one folder.
 
@@ -117,7 +108,7 @@ class CheckpointManager:
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "step": int(step),
-                "sha256": _sha256(tmp / _STATE),
+                "sha256": file_sha256(tmp / _STATE),
                 "bytes": (tmp / _STATE).stat().st_size,
                 "metric": metric,
             }
@@ -182,7 +173,7 @@ class CheckpointManager:
                 f"checkpoint {str(folder)!r} has format_version "
                 f"{manifest.get('format_version')!r}, this tdkd reads {FORMAT_VERSION}"
             )
-        if _sha256(state_path) != manifest["sha256"]:
+        if file_sha256(state_path) != manifest["sha256"]:
             raise ValueError(
                 f"checkpoint {str(folder)!r} is corrupt (state.pt does not match its SHA-256); "
                 "delete it to resume from an older one"

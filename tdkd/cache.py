@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdkd.io import replace_directory
+from tdkd.io import file_sha256, replace_directory
 from tdkd.topp import RaggedSupport, check_p
 
 __all__ = [
@@ -542,9 +542,7 @@ class TeacherCache:
                 "is truncated or damaged; rebuild the cache with `tdkd prepare`"
             )
         if verify:
-            with open(shard.path, "rb") as handle:
-                digest = hashlib.file_digest(handle, "sha256").hexdigest()
-            if digest != shard.info["sha256"]:
+            if file_sha256(shard.path) != shard.info["sha256"]:
                 raise ValueError(
                     f"cache shard {shard.path} is corrupted (SHA-256 mismatch); rebuild the "
                     "cache with `tdkd prepare`"

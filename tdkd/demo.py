@@ -527,10 +527,9 @@ def pin_initial_student(run_out: str | os.PathLike, initial: str | os.PathLike) 
     weights = sorted(Path(initial).glob("*.safetensors"))
     if not weights:
         raise FileNotFoundError(f"no *.safetensors in the initial student folder {initial}")
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # over the files' own digests, in name order
     for path in weights:
-        with open(path, "rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha256").digest())
+        digest.update(bytes.fromhex(atomic_io.file_sha256(path)))
     current = {"path": str(initial), "weights_sha256": digest.hexdigest()}
     marker = Path(run_out) / "initial_student.json"
     saved = read_json(marker)

@@ -10,11 +10,14 @@ any error the temp is removed and the destination is left as it was.
 - ``atomic_directory(path)``: a context manager yielding the temp folder to fill.
 - ``replace_directory(tmp, path)``: move a filled folder into place (an old one is moved
   aside first, then deleted).
+- ``file_sha256(path)``: the hex SHA-256 of a file's bytes, read in chunks (what every
+  manifest here records and validates on read).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +29,7 @@ from typing import Any
 __all__ = [
     "atomic_directory",
     "atomic_path",
+    "file_sha256",
     "replace_directory",
     "write_atomic",
     "write_json_atomic",
@@ -101,3 +105,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the file's bytes (streamed, so any size reads in constant memory)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

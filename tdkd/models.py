@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from tdkd.io import atomic_directory
+from tdkd.io import atomic_directory, file_sha256
 
 __all__ = [
     "EMBEDDED_TEACHERS",
@@ -91,11 +91,6 @@ def cache_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------- hashing
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -173,7 +168,7 @@ def _verify_manifest(folder: Path) -> dict:
     manifest = json.loads(manifest_path.read_text())
     for file_name, expected in manifest["files"].items():
         path = folder / file_name
-        if not path.is_file() or _file_sha256(path) != expected:
+        if not path.is_file() or file_sha256(path) != expected:
             raise ValueError(
                 f"converted teacher file {path} is missing or does not match its recorded "
                 f"hash; delete {folder} and it will be converted again"
@@ -219,11 +214,11 @@ def convert_embedded_teacher(name: str = "smollm2-135m-instruct", *, force: bool
         with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            files = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {
                 "name": name,
                 "source": str(source_dir / gguf_file),
-                "source_sha256": _file_sha256(source_dir / gguf_file),
+                "source_sha256": file_sha256(source_dir / gguf_file),
                 "weights_hash": weights_hash(model),
                 "files": files,
             }

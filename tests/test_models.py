@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tdkd import models
+from tdkd.io import file_sha256
 from tdkd.models import (
     check_vocab_compatible,
     layer_dropped_student,
@@ -154,7 +155,7 @@ def test_hashes_change_with_content():
 
 def test_manifest_verification_detects_damage(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"weights")
-    files = {"model.safetensors": models._file_sha256(tmp_path / "model.safetensors")}
+    files = {"model.safetensors": file_sha256(tmp_path / "model.safetensors")}
     (tmp_path / models.MANIFEST).write_text(json.dumps({"files": files}))
     models._verify_manifest(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"weightz")
