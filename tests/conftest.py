@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tdkd.models import tiny_causal_lm
+from tdkd.models import tiny_causal_lm, tiny_teacher_student
 
 # Tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,3 +59,13 @@ def teacher(one_thread):
 def student(one_thread):
     """A tiny random Llama (V = 64, seed 2), the student next to ``teacher``."""
     return tiny_causal_lm(vocab_size=64, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_dir(tmp_path_factory):
+    """A tiny 2-layer teacher and its tokenizer saved as an HF folder (demo / benchmark tests)."""
+    teacher, _, tokenizer = tiny_teacher_student(teacher_layers=2)
+    folder = tmp_path_factory.mktemp("teacher")
+    teacher.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

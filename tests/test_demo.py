@@ -27,7 +27,6 @@ from tdkd.demo import (
     run_demo,
     within_noise,
 )
-from tdkd.models import tiny_teacher_student
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -167,15 +166,6 @@ def test_cli_reports_bad_input_in_one_line(capsys):
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory):
-    teacher, _, tokenizer = tiny_teacher_student(teacher_layers=2)
-    folder = tmp_path_factory.mktemp("teacher")
-    teacher.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _mtimes(folder):

@@ -186,15 +186,6 @@ def test_mean_curve_keeps_common_steps():
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory):
-    teacher, _, tokenizer = tiny_teacher_student(teacher_layers=2)
-    folder = tmp_path_factory.mktemp("teacher")
-    teacher.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_benchmark_report_and_resume_on_tiny_models(tiny_teacher_dir, tmp_path):
     setup = {
         "out": str(tmp_path / "runs"),
